@@ -1,0 +1,204 @@
+"""MNIST-family data: IDX file checks, a seeded validation hold-out and in-memory batches."""
+
+import math
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torchvision.datasets
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mnist_lab.errors import InputError
+
+IMAGE_MAGIC = 0x0803  # IDX: unsigned bytes, 3 dimensions (N, 28, 28)
+LABEL_MAGIC = 0x0801  # IDX: unsigned bytes, 1 dimension (N,)
+
+
+def _fix(folder: Path) -> str:
+    return (
+        f"download it again (delete {folder} and run with data.download=true), or point "
+        "data.data_dir= or the MNIST_LAB_DATA environment variable at a folder holding a good copy"
+    )
+
+
+def check_idx(path: Path, magic: int) -> int:
+    """Check an IDX file's magic number, dimensions and size against its header; return its count."""
+    ndim = magic & 0xFF
+    header_size = 4 * (1 + ndim)
+    try:
+        with open(path, "rb") as f:
+            header = f.read(header_size)
+        size = path.stat().st_size
+    except OSError as e:
+        raise InputError(f"cannot read {path} ({e.strerror}): {_fix(path.parent)}") from None
+    if len(header) < header_size:
+        raise InputError(f"{path} is truncated ({size} bytes, shorter than its header): {_fix(path.parent)}")
+    found, *dims = struct.unpack(f">{1 + ndim}i", header)
+    if found != magic:
+        raise InputError(
+            f"{path} is not an IDX {'image' if ndim == 3 else 'label'} file "
+            f"(magic number {found:#x}, expected {magic:#x}): {_fix(path.parent)}"
+        )
+    if ndim == 3 and dims[1:] != [28, 28]:
+        raise InputError(f"{path} holds {dims[1]}x{dims[2]} images, expected 28x28: {_fix(path.parent)}")
+    expected = header_size + dims[0] * (784 if ndim == 3 else 1)
+    if size != expected:
+        raise InputError(
+            f"{path} is {size} bytes, but its header promises {dims[0]} items ({expected} bytes): "
+            f"the file is truncated or corrupt; {_fix(path.parent)}"
+        )
+    return dims[0]
+
+
+class InMemoryDataset(Dataset):
+    """Images and labels held in memory and indexed a whole batch at a time: `dataset[index_tensor]`."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # index_select is about 5x faster than advanced indexing for a 64-row batch.
+        return self.images.index_select(0, index), self.labels.index_select(0, index)
+
+
+class BatchIndices(Sampler[torch.Tensor]):
+    """One epoch's batches as index tensors: a fresh permutation from `generator` each epoch, or in order."""
+
+    def __init__(self, size: int, batch_size: int, generator: torch.Generator | None = None) -> None:
+        self.size, self.batch_size, self.generator = size, batch_size, generator
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        order = torch.arange(self.size) if self.generator is None else torch.randperm(self.size, generator=self.generator)
+        return iter(order.split(self.batch_size))
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.batch_size)
+
+
+class MNISTDataModule(pl.LightningDataModule):
+    """MNIST or a same-format dataset (FashionMNIST, KMNIST) held in memory as uint8 tensors.
+
+    Batches are formed by indexing those tensors and normalized as a whole on the training device,
+    so no per-sample transform runs in the hot path. Validation is a seeded hold-out of the training
+    files; test is the official test file, never used for training or model selection.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        dataset: str = "MNIST",
+        mean: float = 0.1307,
+        std: float = 0.3081,
+        batch_size: int = 64,
+        eval_batch_size: int = 1000,
+        val_size: int = 5000,
+        split_seed: int = 1,
+        seed: int = 1,
+        download: bool = True,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("val_size", val_size)):
+            if not isinstance(value, int) or value < 1:
+                raise InputError(f"data.{key} must be a positive integer, got {value!r}: pass e.g. data.{key}=64")
+        dataset_cls = getattr(torchvision.datasets, dataset, None)
+        if not (isinstance(dataset_cls, type) and issubclass(dataset_cls, torchvision.datasets.MNIST)):
+            raise InputError(
+                f"data.dataset={dataset!r} is not an MNIST-format dataset of torchvision.datasets: "
+                "use MNIST, FashionMNIST or KMNIST"
+            )
+        self.save_hyperparameters()
+        self.dataset_cls = dataset_cls
+        self.raw_dir = Path(data_dir) / dataset / "raw"
+
+    def _files(self, split: str) -> tuple[Path, Path]:
+        return self.raw_dir / f"{split}-images-idx3-ubyte", self.raw_dir / f"{split}-labels-idx1-ubyte"
+
+    def _missing(self) -> list[Path]:
+        return [p for split in ("train", "t10k") for p in self._files(split) if not p.exists()]
+
+    def prepare_data(self) -> None:
+        if not self._missing() or not self.hparams.download:
+            return
+        try:
+            for train in (True, False):
+                self.dataset_cls(self.hparams.data_dir, train=train, download=True)
+        except Exception as e:  # any network or archive failure: the fix is the same
+            raise InputError(
+                f"{self.hparams.dataset} is not in {self.raw_dir} and downloading it failed ({e}). Connect "
+                "to the internet and retry, or point data.data_dir= or MNIST_LAB_DATA at a folder "
+                f"holding {self.hparams.dataset}/raw/*-ubyte"
+            ) from None
+
+    def _load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode one split into (N, 1, 28, 28) uint8 images and (N,) int64 labels, after checks."""
+        if missing := self._missing():
+            raise InputError(
+                f"{self.hparams.dataset} files missing in {self.raw_dir}: {', '.join(p.name for p in missing)}. "
+                "Run with data.download=true to download them, or point data.data_dir= or the "
+                f"MNIST_LAB_DATA environment variable at a folder holding {self.hparams.dataset}/raw/*-ubyte"
+            )
+        image_file, label_file = self._files(split)
+        n_images, n_labels = check_idx(image_file, IMAGE_MAGIC), check_idx(label_file, LABEL_MAGIC)
+        if n_images != n_labels:
+            raise InputError(
+                f"{image_file} holds {n_images} images but {label_file} {n_labels} labels: {_fix(self.raw_dir)}"
+            )
+        ds = self.dataset_cls(self.hparams.data_dir, train=split == "train", download=False)
+        if ds.targets.max() >= len(ds.classes):
+            raise InputError(f"{label_file} holds labels outside 0-{len(ds.classes) - 1}: {_fix(self.raw_dir)}")
+        return ds.data.unsqueeze(1), ds.targets
+
+    def setup(self, stage: str) -> None:
+        if stage in ("fit", "validate") and not hasattr(self, "train_set"):
+            images, labels = self._load("train")
+            val_size = self.hparams.val_size
+            if val_size >= len(images):
+                raise InputError(
+                    f"data.val_size={val_size} leaves no training images ({len(images)} in all): "
+                    "pass a smaller data.val_size, e.g. data.val_size=5000"
+                )
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.hparams.split_seed))
+            val, train = order[:val_size], order[val_size:]
+            self.train_set = InMemoryDataset(images[train], labels[train])
+            self.val_set = InMemoryDataset(images[val], labels[val])
+            # One generator for the whole fit: each epoch draws the next seeded permutation.
+            self.shuffle_generator = torch.Generator().manual_seed(self.hparams.seed)
+        if stage in ("test", "predict") and not hasattr(self, "test_set"):
+            self.test_set = InMemoryDataset(*self._load("t10k"))
+
+    def _loader(self, dataset: InMemoryDataset, batch_size: int, shuffle: bool) -> DataLoader:
+        batches = BatchIndices(len(dataset), batch_size, self.shuffle_generator if shuffle else None)
+        # batch_size=None: each index tensor from the sampler fetches a whole batch, no collation.
+        return DataLoader(
+            dataset,
+            sampler=batches,
+            batch_size=None,
+            num_workers=self.hparams.num_workers,
+            pin_memory=self.hparams.pin_memory,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.hparams.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.hparams.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def on_after_batch_transfer(self, batch: list[torch.Tensor], dataloader_idx: int) -> tuple[torch.Tensor, ...]:
+        images, labels = batch
+        # uint8 -> float on the training device: (x / 255 - mean) / std in two in-place ops
+        scale = 255 * self.hparams.std
+        return images.float().sub_(255 * self.hparams.mean).div_(scale), labels

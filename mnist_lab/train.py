@@ -1,0 +1,136 @@
+"""The training recipe: seed, build data / model / trainer from config, fit, test the best checkpoint."""
+
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.experimental.callback import Callback as HydraCallback
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch.utils.tensorboard.summary import hparams
+
+from mnist_lab.errors import InputError
+
+log = logging.getLogger(__name__)
+
+# Shown in TensorBoard's HPARAMS tab; each is a scalar tag the run logged, read at its last value.
+HPARAM_METRICS = ("val/acc_best", "val/acc", "val/loss", "test/acc", "test/loss")
+
+
+class EpochTimer(pl.Callback):
+    """Wall time of each training epoch, validation excluded."""
+
+    def __init__(self) -> None:
+        self.epoch_times: list[float] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start, self._in_validation = time.perf_counter(), 0.0
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._in_validation += time.perf_counter() - self._val_start
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.epoch_times.append(time.perf_counter() - self._start - self._in_validation)
+
+
+def ensure_writable(folder: Path) -> None:
+    """Create `folder` and prove it writable, or raise an InputError that says how to fix it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(
+            f"cannot write to the output folder {folder} ({e.strerror}): pass a writable one with "
+            "hydra.run.dir=... (hydra.sweep.dir=... for -m), or run from a writable directory"
+        ) from None
+
+
+class CheckOutputDir(HydraCallback):
+    """Refuses an unwritable run or sweep folder with one message, before Hydra's own traceback."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir)
+
+    @staticmethod
+    def _check(folder: str) -> None:
+        try:
+            ensure_writable(Path(folder))
+        except InputError as e:
+            sys.exit(f"Error: {e}")
+
+
+def flat_params(cfg: DictConfig) -> dict[str, Any]:
+    """The run's hyperparameters as {"optimizer.lr": 0.05, ...}, in types TensorBoard can show."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    flat = {"seed": container["seed"], "trainer.max_epochs": container["trainer"]["max_epochs"]}
+    for group in ("data", "model", "optimizer", "scheduler"):
+        for key, value in container[group].items():
+            flat[f"{group}.{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
+
+
+def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Train and test one configuration; write out_dir/metrics.json and return the metrics."""
+    out_dir = Path(out_dir)
+    ensure_writable(out_dir)
+    if not cfg.trainer.max_epochs >= 1:
+        raise InputError(f"trainer.max_epochs must be at least 1, got {cfg.trainer.max_epochs}: pass e.g. trainer.max_epochs=5")
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        raise InputError("trainer=gpu, but PyTorch sees no CUDA GPU here: use trainer=cpu, or the default, which picks one")
+    # In-memory batches need no loader workers; Lightning's advice to add some does not apply.
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model, optimizer=cfg.optimizer, scheduler=cfg.scheduler, _recursive_=False, _convert_="all")
+    logger = instantiate(cfg.logger, save_dir=str(out_dir))
+    timer = EpochTimer()
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [timer]
+    trainer: pl.Trainer = instantiate(cfg.trainer, default_root_dir=str(out_dir), logger=logger, callbacks=callbacks)
+
+    # Data errors surface here, in prepare_data/setup, before the first training step.
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    fit_time = time.perf_counter() - start
+    (test,) = trainer.test(model, datamodule=datamodule, ckpt_path="best", verbose=False)
+
+    checkpoint = trainer.checkpoint_callback
+    metrics = {
+        "val/acc": checkpoint.best_model_score.item(),
+        "test/acc": test["test/acc"],
+        "test/loss": test["test/loss"],
+        "epochs": trainer.current_epoch,
+        "fit_time_s": round(fit_time, 3),
+        "epoch_train_time_s": [round(t, 3) for t in timer.epoch_times],
+        "best_checkpoint": str(Path(checkpoint.best_model_path).relative_to(out_dir)),
+    }
+    if isinstance(logger, TensorBoardLogger):
+        # Written once the metrics exist, so the HPARAMS tab shows real values, not a placeholder.
+        for summary in hparams(flat_params(cfg), dict.fromkeys(HPARAM_METRICS, 0.0)):
+            logger.experiment._get_file_writer().add_summary(summary)
+        logger.experiment.flush()
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    outputs = Path("outputs").resolve()
+    logdir = "outputs" if out_dir.resolve().is_relative_to(outputs) else out_dir
+    log.info(
+        "Run folder: %s\nTest accuracy: %.2f%% (best val/acc %.2f%%, %d epochs, %.1f s)\n"
+        "TensorBoard: tensorboard --logdir %s",
+        out_dir, 100 * metrics["test/acc"], 100 * metrics["val/acc"], metrics["epochs"], fit_time, logdir,
+    )
+    return metrics
