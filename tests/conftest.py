@@ -1,0 +1,86 @@
+import os
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+N_TRAIN, N_TEST = 300, 100
+
+
+def write_idx(folder: Path, split: str, n: int, seed: int) -> None:
+    """Write an IDX image/label pair; image i carries its index in its first two pixels."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=generator)
+    images[:, 0, 0], images[:, 0, 1] = torch.arange(n) // 256, torch.arange(n) % 256
+    # A bright square whose place depends on the label, so a model has something to learn.
+    for digit in range(10):
+        images[labels == digit, 4 + 2 * digit : 8 + 2 * digit, 10:18] = 255
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">4i", 0x0803, n, 28, 28) + images.numpy().tobytes())
+    (folder / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">2i", 0x0801, n) + labels.to(torch.uint8).numpy().tobytes())
+
+
+def make_dataset(root: Path, name: str = "MNIST") -> Path:
+    write_idx(root / name / "raw", "train", N_TRAIN, seed=0)
+    write_idx(root / name / "raw", "t10k", N_TEST, seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    """A data folder with tiny synthetic MNIST and FashionMNIST files; never the network."""
+    root = tmp_path_factory.mktemp("data")
+    make_dataset(root, "MNIST")
+    make_dataset(root, "FashionMNIST")
+    return root
+
+
+@pytest.fixture
+def fresh_data_dir(tmp_path) -> Path:
+    """A data folder of one's own, for tests that damage files."""
+    return make_dataset(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    """The real MNIST, where MNIST_LAB_DATA points at it (.ci/run arranges that)."""
+    folder = os.environ.get("MNIST_LAB_DATA")
+    if not folder or not (Path(folder) / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
+        pytest.skip("MNIST_LAB_DATA does not point at the real MNIST files")
+    return Path(folder)
+
+
+@pytest.fixture
+def make_cfg():
+    """compose() the app config with overrides, as train.py would see it."""
+
+    def make(*overrides: str):
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            return compose("train", list(overrides))
+
+    return make
+
+
+def smoke_overrides(data_dir: Path, *extra: str) -> list[str]:
+    """A couple of batches per epoch on synthetic data: seconds, with checkpoints and logs."""
+    return [
+        f"data.data_dir={data_dir}", "data.download=false", "data.val_size=100", "data.batch_size=32",
+        "data.eval_batch_size=50", "trainer=cpu", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
+        "+trainer.limit_train_batches=3", "+trainer.enable_progress_bar=false", "callbacks.progress_bar=null",
+        *extra,
+    ]
+
+
+def run_train(*args: str, cwd: Path | None = None, timeout: int = 180, env: dict | None = None):
+    """Run train.py in a subprocess, as a user would."""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd or ROOT, capture_output=True, text=True,
+        timeout=timeout, env={**os.environ, **(env or {})},
+    )

@@ -1,0 +1,70 @@
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from tests.conftest import ROOT, run_train
+
+GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks", "experiment"]
+OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((ROOT / "conf" / group).glob("*.yaml"))]
+
+
+def test_every_group_has_options():
+    assert {group for group, _ in OPTIONS} == set(GROUPS)
+
+
+@pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_and_builds(group, option, make_cfg, synthetic_dir, tmp_path):
+    cfg = make_cfg(f"{group}={option}", f"data.data_dir={synthetic_dir}")
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+    instantiate(cfg.data)
+    model = instantiate(cfg.model, optimizer=cfg.optimizer, scheduler=cfg.scheduler, _recursive_=False, _convert_="all")
+    assert isinstance(model.hparams.optimizer, dict) and isinstance(model.hparams.scheduler, dict)
+    instantiate(cfg.logger, save_dir=str(tmp_path))
+    for callback in cfg.callbacks.values():
+        instantiate(callback)
+    if cfg.trainer.accelerator != "gpu" or torch.cuda.is_available():  # trainer=gpu's refusal: test_train.py
+        instantiate(cfg.trainer, logger=False)
+
+
+def test_defaults_are_the_tuned_ones(make_cfg):
+    cfg = make_cfg()
+    assert cfg.model._target_ == "mnist_lab.models.LeNet"
+    assert (cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.val_size) == (64, 1000, 5000)
+    assert (cfg.data.mean, cfg.data.std, cfg.seed) == (0.1307, 0.3081, 1)
+    assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.lr == 0.05
+    assert cfg.scheduler.max_lr == cfg.optimizer.lr
+    assert cfg.trainer.log_every_n_steps == 100
+
+
+def test_notebook_experiment_has_the_notebooks_settings(make_cfg):
+    cfg = make_cfg("experiment=notebook")
+    assert cfg.optimizer._target_ == "torch.optim.SGD"
+    assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.nesterov, cfg.optimizer.weight_decay) == (0.001, 0.5, False, 0.0)
+    assert (cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed) == (64, 1000, 1)
+    assert cfg.scheduler.factor == 1.0  # a constant learning rate
+    assert (cfg.trainer.max_epochs, cfg.trainer.log_every_n_steps) == (10, 100)
+
+
+def test_data_dir_defaults_to_the_environment_variable(make_cfg, monkeypatch):
+    monkeypatch.setenv("MNIST_LAB_DATA", "/somewhere/datasets")
+    assert make_cfg().data.data_dir == "/somewhere/datasets"
+    monkeypatch.delenv("MNIST_LAB_DATA")
+    assert make_cfg().data.data_dir == "data"
+    assert make_cfg("data.data_dir=/else").data.data_dir == "/else"
+
+
+def test_help_lists_the_groups():
+    result = run_train("--help")
+    assert result.returncode == 0
+    for line in ["model: lenet, mlp, softmax", "optimizer: adadelta, adam, adamw, rmsprop, sgd",
+                 "scheduler: cosine, none, onecycle, step", "trainer: cpu, default, gpu", "data: fashion_mnist, mnist"]:
+        assert line in result.stdout
+
+
+@pytest.mark.parametrize("override, valid", [("model=foo", "lenet"), ("optimizer=lbfgs", "adamw")])
+def test_unknown_option_lists_the_valid_ones(override, valid, tmp_path):
+    result = run_train(override, f"hydra.run.dir={tmp_path}")
+    assert result.returncode != 0
+    assert "Available options" in result.stderr and valid in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,65 @@
+import pytest
+import torch
+from torch import nn
+
+from mnist_lab.errors import InputError
+from mnist_lab.models import MLP, LeNet, SoftmaxRegression
+
+# Parameter counts worked out by hand from the layer sizes.
+ARCHITECTURES = [
+    (SoftmaxRegression, {}, 784 * 10 + 10),
+    (MLP, {}, (784 * 512 + 512) + (512 * 256 + 256) + (256 * 10 + 10)),
+    (MLP, {"hidden_sizes": [100]}, (784 * 100 + 100) + (100 * 10 + 10)),
+    # conv 6@5x5, conv 16@5x5 on 6 channels, then 400 -> 120 -> 84 -> 10
+    (LeNet, {}, (6 * 25 + 6) + (16 * 6 * 25 + 16) + (400 * 120 + 120) + (120 * 84 + 84) + (84 * 10 + 10)),
+]
+
+
+@pytest.mark.parametrize("cls, kwargs, n_params", ARCHITECTURES)
+def test_shapes_parameters_and_gradients(cls, kwargs, n_params):
+    torch.manual_seed(0)
+    model = cls(**kwargs)
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    x = torch.randn(5, 1, 28, 28)
+    logits = model(x)
+    assert logits.shape == (5, 10)
+    nn.functional.cross_entropy(logits, torch.arange(5)).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_lenet_layers_follow_lecun_1998():
+    convs = [m for m in LeNet().modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs] == [
+        (1, 6, (5, 5), (2, 2)),
+        (6, 16, (5, 5), (0, 0)),
+    ]
+    linears = [m for m in LeNet().modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(400, 120), (120, 84), (84, 10)]
+
+
+@pytest.mark.parametrize("cls", [MLP, LeNet])
+def test_activation_and_dropout_are_configurable(cls):
+    model = cls(activation="Tanh", dropout=0.3)
+    assert any(isinstance(m, nn.Tanh) for m in model.modules())
+    assert not any(isinstance(m, nn.ReLU) for m in model.modules())
+    assert {m.p for m in model.modules() if isinstance(m, nn.Dropout)} == {0.3}
+
+
+def test_unknown_activation_is_refused():
+    with pytest.raises(InputError, match="unknown activation 'Swoosh'"):
+        LeNet(activation="Swoosh")
+
+
+@pytest.mark.parametrize("lr", [0, -0.1])
+def test_learning_rate_must_be_positive(lr):
+    with pytest.raises(InputError, match="optimizer.lr must be > 0"):
+        LeNet(optimizer={"_target_": "torch.optim.SGD", "lr": lr})
+
+
+def test_hyperparameters_are_plain_data():
+    model = MLP(hidden_sizes=[64, 32], optimizer={"_target_": "torch.optim.Adam", "lr": 0.01})
+    assert dict(model.hparams) == {
+        "hidden_sizes": [64, 32], "activation": "ReLU", "dropout": 0.2, "num_classes": 10,
+        "optimizer": {"_target_": "torch.optim.Adam", "lr": 0.01}, "scheduler": None,
+    }

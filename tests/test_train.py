@@ -1,0 +1,174 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from mnist_lab.errors import InputError
+from mnist_lab.models import MLP, LeNet, SoftmaxRegression
+from mnist_lab.train import run
+from tests.conftest import ROOT, run_train, smoke_overrides
+
+MODELS = {"softmax": SoftmaxRegression, "mlp": MLP, "lenet": LeNet}
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(synthetic_dir, tmp_path_factory):
+    """One short run of each architecture on synthetic data: {model: (run folder, metrics)}."""
+    from hydra import compose, initialize_config_dir
+
+    runs = {}
+    for name in MODELS:
+        out_dir = tmp_path_factory.mktemp(name)
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("train", smoke_overrides(synthetic_dir, f"model={name}"))
+        runs[name] = out_dir, run(cfg, out_dir)
+    return runs
+
+
+def events(out_dir: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(out_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_smoke_run_writes_metrics_checkpoints_and_events(name, smoke_runs):
+    out_dir, metrics = smoke_runs[name]
+    saved = json.loads((out_dir / "metrics.json").read_text())
+    assert saved == metrics
+    assert {"val/acc", "test/acc", "test/loss", "epochs", "fit_time_s", "epoch_train_time_s"} <= saved.keys()
+    assert saved["epochs"] == 2 and len(saved["epoch_train_time_s"]) == 2
+    assert 0 <= saved["val/acc"] <= 1 and 0 <= saved["test/acc"] <= 1
+    assert (out_dir / "checkpoints" / "last.ckpt").exists()
+    assert (out_dir / saved["best_checkpoint"]).exists()
+    assert list(out_dir.glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_event_files_hold_the_scalars_and_hparams_with_metrics(name, smoke_runs):
+    out_dir, metrics = smoke_runs[name]
+    accumulator = events(out_dir)
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/loss", "test/acc", "train/lr"} <= tags
+    assert accumulator.Scalars("test/acc")[-1].value == pytest.approx(metrics["test/acc"])
+    assert accumulator.Scalars("val/acc_best")[-1].value == pytest.approx(metrics["val/acc"])
+    assert len(accumulator.Scalars("train/loss")) == 6  # 3 steps x 2 epochs, log_every_n_steps=1
+
+    content = accumulator.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert {"val/acc", "test/acc", "test/loss"} <= {m.name.tag for m in experiment.metric_infos}
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert session.hparams["optimizer.lr"].number_value == 0.05
+    assert session.hparams["data.batch_size"].number_value == 32
+    assert session.hparams["model._target_"].string_value == f"mnist_lab.models.{MODELS[name].__name__}"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_best_checkpoint_loads_safely(name, smoke_runs):
+    out_dir, metrics = smoke_runs[name]
+    path = out_dir / metrics["best_checkpoint"]
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["hyper_parameters"]["optimizer"]["_target_"] == "torch.optim.SGD"
+    model = MODELS[name].load_from_checkpoint(path)
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_same_seed_gives_identical_runs(synthetic_dir, make_cfg, tmp_path):
+    cfg = make_cfg(*smoke_overrides(synthetic_dir, "model=mlp"))
+    first, second = run(cfg, tmp_path / "a"), run(cfg, tmp_path / "b")
+    assert (first["val/acc"], first["test/acc"], first["test/loss"]) == (second["val/acc"], second["test/acc"], second["test/loss"])
+    weights = [torch.load(tmp_path / d / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for d in "ab"]
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+
+
+def test_every_optimizer_and_scheduler_trains(synthetic_dir, make_cfg, tmp_path):
+    combos = [(opt, "onecycle") for opt in ("sgd", "adam", "adamw", "adadelta", "rmsprop")]
+    combos += [("sgd", sched) for sched in ("none", "cosine", "step")]
+    for optimizer, scheduler in combos:
+        cfg = make_cfg(*smoke_overrides(synthetic_dir, "model=softmax", f"optimizer={optimizer}", f"scheduler={scheduler}"))
+        out_dir = tmp_path / f"{optimizer}-{scheduler}"
+        run(cfg, out_dir)
+        lrs = [s.value for s in events(out_dir).Scalars("train/lr")]
+        if scheduler == "none":
+            assert lrs == pytest.approx([cfg.optimizer.lr] * len(lrs))
+        elif scheduler in ("onecycle", "cosine"):
+            assert len(set(lrs)) > 1, (optimizer, scheduler)  # the schedule moved the learning rate
+
+
+def test_max_epochs_below_one_is_refused(synthetic_dir, make_cfg, tmp_path):
+    with pytest.raises(InputError, match="trainer.max_epochs must be at least 1"):
+        run(make_cfg(*smoke_overrides(synthetic_dir, "trainer.max_epochs=0")), tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpu_trainer_without_gpu_is_refused(synthetic_dir, make_cfg, tmp_path):
+    with pytest.raises(InputError, match="trainer=gpu, but PyTorch sees no CUDA GPU"):
+        run(make_cfg(*smoke_overrides(synthetic_dir, "trainer=gpu")), tmp_path)
+
+
+@pytest.mark.slow
+def test_train_py_end_to_end(synthetic_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_train(*smoke_overrides(synthetic_dir, "model=lenet"), f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    output = result.stdout + result.stderr
+    assert f"Run folder: {run_dir}" in output
+    assert f"Test accuracy: {100 * metrics['test/acc']:.2f}%" in output
+    assert "tensorboard --logdir" in output
+    assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / ".hydra" / "overrides.yaml").exists()
+    assert "Test accuracy" in (run_dir / "train.log").read_text()
+
+
+BAD_INPUT = [
+    ("optimizer.lr=-0.1", "optimizer.lr must be > 0"),
+    ("optimizer.lr=0", "optimizer.lr must be > 0"),
+    ("data.batch_size=0", "data.batch_size must be a positive integer"),
+    ("trainer.max_epochs=0", "trainer.max_epochs must be at least 1"),
+    ("data.val_size=0", "data.val_size must be a positive integer"),
+    ("data.val_size=300", "data.val_size=300 leaves no training images"),
+    ("hydra.run.dir=/proc/mnist_lab_run", "cannot write to the output folder /proc/mnist_lab_run"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, message", BAD_INPUT, ids=[o for o, _ in BAD_INPUT])
+def test_bad_input_gets_one_clear_message(override, message, synthetic_dir, tmp_path):
+    result = run_train(*smoke_overrides(synthetic_dir), f"hydra.run.dir={tmp_path / 'run'}", override)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and message in errors[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training
+
+
+@pytest.mark.slow
+def test_missing_data_is_refused_before_training(tmp_path):
+    result = run_train(f"data.data_dir={tmp_path}", "data.download=false", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"Error: MNIST files missing in {tmp_path / 'MNIST' / 'raw'}" in result.stderr
+
+
+@pytest.mark.slow
+def test_runs_started_together_get_their_own_folders(synthetic_dir, tmp_path):
+    args = [sys.executable, str(ROOT / "train.py"), *smoke_overrides(synthetic_dir, "model=softmax")]
+    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    for proc in procs:
+        assert proc.wait(timeout=180) == 0, proc.stderr.read()
+    folders = list((tmp_path / "outputs" / "runs").glob("*/*_softmax"))
+    assert len(folders) == 2
+    assert all((folder / "metrics.json").exists() for folder in folders)
+
+
+@pytest.mark.slow
+def test_lenet_reaches_98_percent_in_one_epoch_on_real_mnist(real_data_dir, make_cfg, tmp_path):
+    cfg = make_cfg(f"data.data_dir={real_data_dir}", "data.download=false", "trainer=cpu", "trainer.max_epochs=1",
+                   "callbacks.progress_bar=null", "+trainer.enable_progress_bar=false")
+    metrics = run(cfg, tmp_path)
+    assert metrics["test/acc"] >= 0.98
