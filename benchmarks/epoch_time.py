@@ -1,0 +1,198 @@
+"""Per-epoch training time of LeNet-5 at batch 64, three ways, measured side by side in one run.
+
+    python benchmarks/epoch_time.py [--epochs 5] [--data-dir DIR] [OVERRIDE ...]
+
+(a) mnist_lab: `mnist_lab.train.run` with the default config (progress bar, TensorBoard logger,
+    checkpoints, LR monitor) plus any Hydra OVERRIDEs, on the CPU.
+(b) plain PyTorch: the same LeNet, optimizer and OneCycle schedule in a bare loop over the same
+    in-memory uint8 tensors, normalized per batch as mnist_lab does.
+(c) the notebook's pipeline: torchvision's MNIST with per-sample ToTensor + Normalize through a
+    DataLoader (batch 64, shuffle, num_workers=1, pin_memory=True), same model and optimizer.
+
+Shared machines drift by tens of percent within a minute, so (a) and (b) alternate in windows of
+--window steps: after every window of mnist_lab's training, a callback runs as many steps of the
+plain loop and times both. Validation and the test-accuracy checks after each epoch are left out
+of both times. Prints the per-epoch times, a/b and c/a, and the training time each of (a) and
+(b) needs to reach 99% test accuracy.
+"""
+
+import argparse
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from torchvision import datasets, transforms
+
+from mnist_lab.train import run
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@torch.no_grad()
+def test_accuracy(model: torch.nn.Module, datamodule) -> float:
+    was_training = model.training
+    model.eval()
+    data = datamodule.test_set
+    x, y = datamodule.on_after_batch_transfer([data.images, data.labels], 0)
+    accuracy = (model(x).argmax(1) == y).float().mean().item()
+    model.train(was_training)
+    return accuracy
+
+
+class PlainLoop:
+    """(b): the same model, optimizer and OneCycle schedule in a bare loop over the same tensors."""
+
+    def __init__(self, cfg, datamodule, epochs: int) -> None:
+        torch.manual_seed(cfg.seed)
+        self.datamodule, self.batch_size = datamodule, cfg.data.batch_size
+        self.model = instantiate(cfg.model, optimizer=None, scheduler=None, _recursive_=False, _convert_="all")
+        self.optimizer = instantiate(cfg.optimizer, params=self.model.parameters())
+        self.steps_per_epoch = -(-len(datamodule.train_set) // self.batch_size)
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=cfg.optimizer.lr, total_steps=epochs * self.steps_per_epoch,
+            pct_start=cfg.scheduler.pct_start, cycle_momentum=cfg.scheduler.cycle_momentum,
+        )
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.batches = iter(())
+        self.accuracies: list[float] = []  # after each epoch
+
+    def steps(self, n: int) -> float:
+        """Train n steps; return their wall time, without the test check at an epoch's end."""
+        data, elapsed = self.datamodule.train_set, 0.0
+        for _ in range(n):
+            start = time.perf_counter()
+            idx = next(self.batches, None)
+            if idx is None:
+                self.batches = iter(torch.randperm(len(data), generator=self.generator).split(self.batch_size))
+                idx = next(self.batches)
+            x, y = self.datamodule.on_after_batch_transfer(list(data[idx]), 0)
+            loss = F.cross_entropy(self.model(x), y)
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            elapsed += time.perf_counter() - start
+            if self.scheduler.last_epoch % self.steps_per_epoch == 0:
+                self.accuracies.append(test_accuracy(self.model, self.datamodule))
+        return elapsed
+
+
+class SideBySide(pl.Callback):
+    """Alternates windows of mnist_lab's training with as many steps of the plain loop."""
+
+    def __init__(self, plain: PlainLoop, window: int) -> None:
+        self.plain, self.window = plain, window
+        self.lab_times: list[float] = []  # per epoch
+        self.plain_times: list[float] = []
+        self.accuracies: list[float] = []  # mnist_lab's, after each epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.lab_times.append(0.0)
+        self.plain_times.append(0.0)
+        self.mark, self.steps_since = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self.steps_since += 1
+        if self.steps_since == self.window or batch_idx + 1 == trainer.num_training_batches:
+            self.lab_times[-1] += time.perf_counter() - self.mark
+            self.plain_times[-1] += self.plain.steps(self.steps_since)
+            self.mark, self.steps_since = time.perf_counter(), 0
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.accuracies.append(test_accuracy(pl_module, self.plain.datamodule))
+
+
+def notebook_epochs(cfg, data_dir: str, epochs: int) -> list[float]:
+    """(c): the notebook's per-sample transforms and DataLoader, same model and optimizer."""
+    torch.manual_seed(cfg.seed)
+    model = instantiate(cfg.model, optimizer=None, scheduler=None, _recursive_=False, _convert_="all")
+    optimizer = instantiate(cfg.optimizer, params=model.parameters())
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    loader = torch.utils.data.DataLoader(
+        datasets.MNIST(data_dir, train=True, download=False, transform=transform),
+        batch_size=cfg.data.batch_size, shuffle=True, num_workers=1, pin_memory=True,
+    )
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def time_to(threshold: float, epoch_times: list[float], accuracies: list[float]) -> str:
+    elapsed = 0.0
+    for seconds, accuracy in zip(epoch_times, accuracies):
+        elapsed += seconds
+        if accuracy >= threshold:
+            return f"{elapsed:.1f} s"
+    return f"not reached in {len(accuracies)} epochs (best {max(accuracies):.4f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for mnist_lab's run, e.g. callbacks.progress_bar=null")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs of (a) and (b); the default config's 5")
+    parser.add_argument("--window", type=int, default=20, help="steps per alternation of (a) and (b)")
+    parser.add_argument("--notebook-epochs", type=int, default=1, help="epochs of (c); 0 skips it")
+    parser.add_argument("--data-dir", default=os.environ.get("MNIST_LAB_DATA", "data"))
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+
+    overrides = ["model=lenet", "trainer=cpu", f"trainer.max_epochs={args.epochs}", f"data.data_dir={args.data_dir}",
+                 "data.download=false", *args.overrides]
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    side = SideBySide(PlainLoop(cfg, datamodule, args.epochs), args.window)
+    with tempfile.TemporaryDirectory() as out_dir:
+        # The callback rides along through the config, as a user's own callback would.
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            cfg = compose("train", [*overrides, "+callbacks.side_by_side._target_=__main__.current_side"])
+        global SIDE
+        SIDE = side
+        run(cfg, out_dir)
+    notebook = notebook_epochs(cfg, args.data_dir, args.notebook_epochs) if args.notebook_epochs else []
+
+    a, b = statistics.median(side.lab_times), statistics.median(side.plain_times)
+    print(f"\nLeNet-5, batch {cfg.data.batch_size}, {args.epochs} epochs, windows of {args.window} steps; "
+          f"{os.cpu_count()} CPUs ({platform.machine()}), {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}, pytorch-lightning {pl.__version__}")
+    print(f"(a) mnist_lab       median epoch {a:6.3f} s   epochs {[round(t, 2) for t in side.lab_times]}")
+    print(f"(b) plain PyTorch   median epoch {b:6.3f} s   epochs {[round(t, 2) for t in side.plain_times]}")
+    if notebook:
+        c = statistics.median(notebook)
+        print(f"(c) notebook loader median epoch {c:6.3f} s   epochs {[round(t, 2) for t in notebook]}")
+    print(f"a/b = {sum(side.lab_times) / sum(side.plain_times):.3f}   (target <= 1.15)")
+    if notebook:
+        print(f"c/a = {c / a:.2f}    (target >= 1.5)")
+    print(f"test accuracy after each epoch: (a) {[round(x, 4) for x in side.accuracies]}"
+          f"  (b) {[round(x, 4) for x in side.plain.accuracies]}")
+    print(f"training time to 99% test accuracy: (a) {time_to(0.99, side.lab_times, side.accuracies)}"
+          f"   (b) {time_to(0.99, side.plain_times, side.plain.accuracies)}")
+
+
+def current_side() -> SideBySide:
+    return SIDE
+
+
+if __name__ == "__main__":
+    main()
