@@ -85,14 +85,31 @@ def flat_params(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
-def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Train and test one configuration; write out_dir/metrics.json and return the metrics."""
-    out_dir = Path(out_dir)
-    ensure_writable(out_dir)
+def check_config(cfg: DictConfig) -> None:
+    """Refuse what no object checks for itself, before any work is done."""
     if not cfg.trainer.max_epochs >= 1:
         raise InputError(f"trainer.max_epochs must be at least 1, got {cfg.trainer.max_epochs}: pass e.g. trainer.max_epochs=5")
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         raise InputError("trainer=gpu, but PyTorch sees no CUDA GPU here: use trainer=cpu, or the default, which picks one")
+
+
+def log_hparams(logger: TensorBoardLogger, cfg: DictConfig) -> None:
+    """Give TensorBoard's HPARAMS tab this run's hyperparameters and the metric tags to show.
+
+    Written after testing, so each metric's last logged value is the final one; Lightning's own
+    call at fit start would show a -1 placeholder.
+    """
+    writer = logger.experiment
+    for summary in hparams(flat_params(cfg), dict.fromkeys(HPARAM_METRICS, 0.0)):
+        writer._get_file_writer().add_summary(summary)
+    writer.flush()
+
+
+def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Train and test one configuration; write out_dir/metrics.json and return the metrics."""
+    out_dir = Path(out_dir)
+    ensure_writable(out_dir)
+    check_config(cfg)
     # In-memory batches need no loader workers; Lightning's advice to add some does not apply.
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
@@ -104,33 +121,28 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [timer]
     trainer: pl.Trainer = instantiate(cfg.trainer, default_root_dir=str(out_dir), logger=logger, callbacks=callbacks)
 
-    # Data errors surface here, in prepare_data/setup, before the first training step.
+    # Data errors surface in prepare_data/setup, before the first training step.
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     fit_time = time.perf_counter() - start
     (test,) = trainer.test(model, datamodule=datamodule, ckpt_path="best", verbose=False)
 
-    checkpoint = trainer.checkpoint_callback
+    best = trainer.checkpoint_callback
     metrics = {
-        "val/acc": checkpoint.best_model_score.item(),
+        "val/acc": best.best_model_score.item(),
         "test/acc": test["test/acc"],
         "test/loss": test["test/loss"],
         "epochs": trainer.current_epoch,
         "fit_time_s": round(fit_time, 3),
         "epoch_train_time_s": [round(t, 3) for t in timer.epoch_times],
-        "best_checkpoint": str(Path(checkpoint.best_model_path).relative_to(out_dir)),
+        "best_checkpoint": str(Path(best.best_model_path).relative_to(out_dir)),
     }
     if isinstance(logger, TensorBoardLogger):
-        # Written once the metrics exist, so the HPARAMS tab shows real values, not a placeholder.
-        for summary in hparams(flat_params(cfg), dict.fromkeys(HPARAM_METRICS, 0.0)):
-            logger.experiment._get_file_writer().add_summary(summary)
-        logger.experiment.flush()
+        log_hparams(logger, cfg)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    outputs = Path("outputs").resolve()
-    logdir = "outputs" if out_dir.resolve().is_relative_to(outputs) else out_dir
+    logdir = "outputs" if out_dir.resolve().is_relative_to(Path("outputs").resolve()) else out_dir
     log.info(
-        "Run folder: %s\nTest accuracy: %.2f%% (best val/acc %.2f%%, %d epochs, %.1f s)\n"
-        "TensorBoard: tensorboard --logdir %s",
+        "Run folder: %s\nTest accuracy: %.2f%% (best val/acc %.2f%%, %d epochs, %.1f s)\nTensorBoard: tensorboard --logdir %s",
         out_dir, 100 * metrics["test/acc"], 100 * metrics["val/acc"], metrics["epochs"], fit_time, logdir,
     )
     return metrics
