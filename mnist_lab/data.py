@@ -73,8 +73,10 @@ class BatchIndices(Sampler[torch.Tensor]):
         self.size, self.batch_size, self.generator = size, batch_size, generator
 
     def __iter__(self) -> Iterator[torch.Tensor]:
+        # A generator, so the permutation is drawn at the first batch: DataLoader's worker
+        # iterator calls iter() twice and drops the first, which must not consume a permutation.
         order = torch.arange(self.size) if self.generator is None else torch.randperm(self.size, generator=self.generator)
-        return iter(order.split(self.batch_size))
+        yield from order.split(self.batch_size)
 
     def __len__(self) -> int:
         return math.ceil(self.size / self.batch_size)

@@ -98,6 +98,33 @@ def test_failed_download_names_both_fixes(tmp_path, monkeypatch):
         dm.prepare_data()
 
 
+def test_missing_files_are_downloaded_through_torchvision(tmp_path, monkeypatch):
+    import torchvision
+
+    from tests.conftest import make_dataset
+
+    calls = []
+
+    def download(self):  # stands in for the network: writes the files where torchvision would
+        calls.append(self.raw_folder)
+        make_dataset(tmp_path)
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", download)
+    dm = MNISTDataModule(data_dir=str(tmp_path), download=True, val_size=100)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert calls and calls[0] == str(tmp_path / "MNIST" / "raw")
+    assert len(dm.train_set) == N_TRAIN - 100
+
+
+@pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning")
+def test_worker_processes_give_the_same_batches(synthetic_dir):
+    in_process = [labels for _, labels in datamodule(synthetic_dir).train_dataloader()]
+    workers = datamodule(synthetic_dir, num_workers=1, pin_memory=True).train_dataloader()
+    for expected, (_, labels) in zip(in_process, workers, strict=True):
+        assert torch.equal(expected, labels)
+
+
 def test_truncated_file_is_named(fresh_data_dir):
     path = fresh_data_dir / "MNIST" / "raw" / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-100])
