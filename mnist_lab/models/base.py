@@ -69,31 +69,33 @@ class ImageClassifier(pl.LightningModule):
         self.train_seen.zero_()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
-        self.val_loss.update(F.cross_entropy(logits, y), weight=len(y))
-        self.val_acc.update(logits, y)
+        self._evaluate(batch, self.val_loss, self.val_acc)
 
     def on_validation_epoch_end(self) -> None:
-        acc = self.val_acc.compute()
+        metrics = self._epoch_metrics("val", self.val_loss, self.val_acc)
         if not self.trainer.sanity_checking:
-            self.val_acc_best.update(acc)
-        self.log_dict({"val/loss": self.val_loss.compute(), "val/acc": acc})
-        if self.val_acc_best.update_called:
-            self.log("val/acc_best", self.val_acc_best.compute())
-        self.val_loss.reset()
-        self.val_acc.reset()
+            self.val_acc_best.update(metrics["val/acc"])
+            metrics["val/acc_best"] = self.val_acc_best.compute()
+        self.log_dict(metrics)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
-        self.test_loss.update(F.cross_entropy(logits, y), weight=len(y))
-        self.test_acc.update(logits, y)
+        self._evaluate(batch, self.test_loss, self.test_acc)
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict({"test/loss": self.test_loss.compute(), "test/acc": self.test_acc.compute()})
-        self.test_loss.reset()
-        self.test_acc.reset()
+        self.log_dict(self._epoch_metrics("test", self.test_loss, self.test_acc))
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], loss: MeanMetric, acc: MulticlassAccuracy) -> None:
+        x, y = batch
+        logits = self(x)
+        loss.update(F.cross_entropy(logits, y), weight=len(y))
+        acc.update(logits, y)
+
+    @staticmethod
+    def _epoch_metrics(stage: str, loss: MeanMetric, acc: MulticlassAccuracy) -> dict[str, torch.Tensor]:
+        metrics = {f"{stage}/loss": loss.compute(), f"{stage}/acc": acc.compute()}
+        loss.reset()
+        acc.reset()
+        return metrics
 
     def configure_optimizers(self) -> dict[str, Any]:
         if self.hparams.optimizer is None:
