@@ -12,8 +12,8 @@
 Shared machines drift by tens of percent within a minute, so (a) and (b) alternate in windows of
 --window steps: after every window of mnist_lab's training, a callback runs as many steps of the
 plain loop and times both. Validation and the test-accuracy checks after each epoch are left out
-of both times. Prints the per-epoch times, a/b and c/a, and the training time each of (a) and
-(b) needs to reach 99% test accuracy.
+of both times. Prints the per-epoch times, a/b and c/a, the time each data pipeline alone takes
+for an epoch of batches, and the training time (a) and (b) need to reach 99% test accuracy.
 """
 
 import argparse
@@ -113,16 +113,21 @@ class SideBySide(pl.Callback):
             self.accuracies.append(test_accuracy(pl_module, self.plain.datamodule))
 
 
-def notebook_epochs(cfg, data_dir: str, epochs: int) -> list[float]:
-    """(c): the notebook's per-sample transforms and DataLoader, same model and optimizer."""
-    torch.manual_seed(cfg.seed)
-    model = instantiate(cfg.model, optimizer=None, scheduler=None, _recursive_=False, _convert_="all")
-    optimizer = instantiate(cfg.optimizer, params=model.parameters())
+def notebook_loader(cfg, data_dir: str) -> torch.utils.data.DataLoader:
+    """(c)'s data: the notebook's per-sample ToTensor + Normalize and its DataLoader settings."""
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         datasets.MNIST(data_dir, train=True, download=False, transform=transform),
         batch_size=cfg.data.batch_size, shuffle=True, num_workers=1, pin_memory=True,
     )
+
+
+def notebook_epochs(cfg, data_dir: str, epochs: int) -> list[float]:
+    """(c): the notebook's pipeline training the same model with the same optimizer."""
+    torch.manual_seed(cfg.seed)
+    model = instantiate(cfg.model, optimizer=None, scheduler=None, _recursive_=False, _convert_="all")
+    optimizer = instantiate(cfg.optimizer, params=model.parameters())
+    loader = notebook_loader(cfg, data_dir)
     times = []
     for _ in range(epochs):
         start = time.perf_counter()
@@ -133,6 +138,14 @@ def notebook_epochs(cfg, data_dir: str, epochs: int) -> list[float]:
             optimizer.step()
         times.append(time.perf_counter() - start)
     return times
+
+
+def data_epoch(batches, prepare=lambda batch: batch) -> float:
+    """Seconds to produce one epoch of ready batches, with no model."""
+    start = time.perf_counter()
+    for batch in batches:
+        prepare(batch)
+    return time.perf_counter() - start
 
 
 def time_to(threshold: float, epoch_times: list[float], accuracies: list[float]) -> str:
@@ -171,6 +184,8 @@ def main() -> None:
         SIDE = side
         run(cfg, out_dir)
     notebook = notebook_epochs(cfg, args.data_dir, args.notebook_epochs) if args.notebook_epochs else []
+    lab_data = data_epoch(datamodule.train_dataloader(), lambda batch: datamodule.on_after_batch_transfer(batch, 0))
+    notebook_data = data_epoch(notebook_loader(cfg, args.data_dir)) if args.notebook_epochs else None
 
     a, b = statistics.median(side.lab_times), statistics.median(side.plain_times)
     print(f"\nLeNet-5, batch {cfg.data.batch_size}, {args.epochs} epochs, windows of {args.window} steps; "
@@ -181,6 +196,8 @@ def main() -> None:
     if notebook:
         c = statistics.median(notebook)
         print(f"(c) notebook loader median epoch {c:6.3f} s   epochs {[round(t, 2) for t in notebook]}")
+    print(f"data alone, one epoch of batches: mnist_lab {lab_data:.3f} s"
+          + (f", notebook loader {notebook_data:.3f} s" if notebook_data is not None else ""))
     print(f"a/b = {sum(side.lab_times) / sum(side.plain_times):.3f}   (target <= 1.15)")
     if notebook:
         print(f"c/a = {c / a:.2f}    (target >= 1.5)")
