@@ -6,12 +6,14 @@
     checkpoints, LR monitor) plus any Hydra OVERRIDEs, on the CPU.
 (b) plain PyTorch: the same LeNet, optimizer and OneCycle schedule in a bare loop over the same
     in-memory uint8 tensors, normalized per batch as mnist_lab does.
+(a0) Lightning's floor: the same training in a minimal LightningModule, no logger, callbacks,
+    progress bar or validation; it shows what Lightning's loop costs before mnist_lab adds anything.
 (c) the notebook's pipeline: torchvision's MNIST with per-sample ToTensor + Normalize through a
     DataLoader (batch 64, shuffle, num_workers=1, pin_memory=True), same model and optimizer.
 
-Shared machines drift by tens of percent within a minute, so (a) and (b) alternate in windows of
---window steps: after every window of mnist_lab's training, a callback runs as many steps of the
-plain loop and times both. Validation and the test-accuracy checks after each epoch are left out
+Shared machines drift by tens of percent within a minute, so (a) and (b), then (a0) and (b),
+alternate in windows of --window steps: after every window of Lightning's training, a callback
+runs as many steps of the plain loop and times both. Validation and the test-accuracy checks after each epoch are left out
 of both times. Prints the per-epoch times, a/b and c/a, the time each data pipeline alone takes
 for an epoch of batches, and the training time (a) and (b) need to reach 99% test accuracy.
 """
@@ -49,6 +51,13 @@ def test_accuracy(model: torch.nn.Module, datamodule) -> float:
     return accuracy
 
 
+def one_cycle(cfg, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.optimizer.lr, total_steps=total_steps, pct_start=cfg.scheduler.pct_start,
+        cycle_momentum=cfg.scheduler.cycle_momentum,
+    )
+
+
 class PlainLoop:
     """(b): the same model, optimizer and OneCycle schedule in a bare loop over the same tensors."""
 
@@ -58,10 +67,7 @@ class PlainLoop:
         self.model = instantiate(cfg.model, optimizer=None, scheduler=None, _recursive_=False, _convert_="all")
         self.optimizer = instantiate(cfg.optimizer, params=self.model.parameters())
         self.steps_per_epoch = -(-len(datamodule.train_set) // self.batch_size)
-        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=cfg.optimizer.lr, total_steps=epochs * self.steps_per_epoch,
-            pct_start=cfg.scheduler.pct_start, cycle_momentum=cfg.scheduler.cycle_momentum,
-        )
+        self.scheduler = one_cycle(cfg, self.optimizer, epochs * self.steps_per_epoch)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.batches = iter(())
         self.accuracies: list[float] = []  # after each epoch
@@ -113,6 +119,36 @@ class SideBySide(pl.Callback):
             self.accuracies.append(test_accuracy(pl_module, self.plain.datamodule))
 
 
+class LightningFloor(pl.LightningModule):
+    """(a0): the same net, optimizer and schedule in the least a LightningModule needs, to show
+    what Lightning's loop costs by itself, before anything mnist_lab adds."""
+
+    def __init__(self, cfg, total_steps: int) -> None:
+        super().__init__()
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.total_steps = cfg, total_steps
+        self.net = instantiate(cfg.model, optimizer=None, scheduler=None, _recursive_=False, _convert_="all").net
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> dict:
+        optimizer = instantiate(self.cfg.optimizer, params=self.parameters())
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": one_cycle(self.cfg, optimizer, self.total_steps), "interval": "step"}}
+
+
+def lightning_floor(cfg, datamodule, epochs: int, window: int) -> "SideBySide":
+    """Trains (a0) with no logger, callbacks, progress bar or validation, alternating with (b)."""
+    side = SideBySide(PlainLoop(cfg, datamodule, epochs), window)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[side],
+    )
+    trainer.fit(LightningFloor(cfg, epochs * side.plain.steps_per_epoch), datamodule=datamodule)
+    return side
+
+
 def notebook_loader(cfg, data_dir: str) -> torch.utils.data.DataLoader:
     """(c)'s data: the notebook's per-sample ToTensor + Normalize and its DataLoader settings."""
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
@@ -158,31 +194,30 @@ def time_to(threshold: float, epoch_times: list[float], accuracies: list[float])
 
 
 def main() -> None:
+    global SIDE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for mnist_lab's run, e.g. callbacks.progress_bar=null")
     parser.add_argument("--epochs", type=int, default=5, help="epochs of (a) and (b); the default config's 5")
     parser.add_argument("--window", type=int, default=20, help="steps per alternation of (a) and (b)")
+    parser.add_argument("--floor-epochs", type=int, default=2, help="epochs of (a0); 0 skips it")
     parser.add_argument("--notebook-epochs", type=int, default=1, help="epochs of (c); 0 skips it")
     parser.add_argument("--data-dir", default=os.environ.get("MNIST_LAB_DATA", "data"))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
 
+    # The side-by-side callback rides along through the config, as a user's own callback would.
     overrides = ["model=lenet", "trainer=cpu", f"trainer.max_epochs={args.epochs}", f"data.data_dir={args.data_dir}",
-                 "data.download=false", *args.overrides]
+                 "data.download=false", "+callbacks.side_by_side._target_=__main__.current_side", *args.overrides]
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     datamodule.setup("test")
-    side = SideBySide(PlainLoop(cfg, datamodule, args.epochs), args.window)
+    side = SIDE = SideBySide(PlainLoop(cfg, datamodule, args.epochs), args.window)
     with tempfile.TemporaryDirectory() as out_dir:
-        # The callback rides along through the config, as a user's own callback would.
-        with initialize_config_dir(str(CONF), version_base="1.3"):
-            cfg = compose("train", [*overrides, "+callbacks.side_by_side._target_=__main__.current_side"])
-        global SIDE
-        SIDE = side
         run(cfg, out_dir)
+    floor = lightning_floor(cfg, datamodule, args.floor_epochs, args.window) if args.floor_epochs else None
     notebook = notebook_epochs(cfg, args.data_dir, args.notebook_epochs) if args.notebook_epochs else []
     lab_data = data_epoch(datamodule.train_dataloader(), lambda batch: datamodule.on_after_batch_transfer(batch, 0))
     notebook_data = data_epoch(notebook_loader(cfg, args.data_dir)) if args.notebook_epochs else None
@@ -199,6 +234,9 @@ def main() -> None:
     print(f"data alone, one epoch of batches: mnist_lab {lab_data:.3f} s"
           + (f", notebook loader {notebook_data:.3f} s" if notebook_data is not None else ""))
     print(f"a/b = {sum(side.lab_times) / sum(side.plain_times):.3f}   (target <= 1.15)")
+    if floor:
+        print(f"a0/b = {sum(floor.lab_times) / sum(floor.plain_times):.3f}  (a0: the same training in a minimal "
+              f"LightningModule with no logger, callbacks or validation, {args.floor_epochs} epochs beside (b))")
     if notebook:
         print(f"c/a = {c / a:.2f}    (target >= 1.5)")
     print(f"test accuracy after each epoch: (a) {[round(x, 4) for x in side.accuracies]}"
