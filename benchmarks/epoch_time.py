@@ -186,7 +186,7 @@ def data_epoch(batches, prepare=lambda batch: batch) -> float:
 
 def time_to(threshold: float, epoch_times: list[float], accuracies: list[float]) -> str:
     elapsed = 0.0
-    for seconds, accuracy in zip(epoch_times, accuracies):
+    for seconds, accuracy in zip(epoch_times, accuracies, strict=True):
         elapsed += seconds
         if accuracy >= threshold:
             return f"{elapsed:.1f} s"
