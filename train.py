@@ -1,25 +1,30 @@
 """Train and test one model: python train.py model=lenet trainer.max_epochs=5 (add -m to sweep)."""
 
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mnist_lab.errors import InputError
+from mnist_lab.report import record_failure
 from mnist_lab.train import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    hydra_cfg = HydraConfig.get()
     try:
-        return run(cfg, HydraConfig.get().runtime.output_dir)["val/acc"]
+        return run(cfg, hydra_cfg.runtime.output_dir)["val/acc"]
     except (InputError, InstantiationException) as e:
         # Hydra wraps errors raised while building objects; bad input gets one line, not a traceback.
         cause = e if isinstance(e, InputError) else e.__cause__
-        if not isinstance(cause, InputError):
-            raise
+        if not isinstance(cause, InputError) or hydra_cfg.mode == RunMode.MULTIRUN:
+            raise  # Hydra marks the job failed (mnist_lab.report.SweepReport) and a sweep goes on
+        record_failure(Path(hydra_cfg.runtime.output_dir), cause)
         sys.exit(f"Error: {cause}")
 
 

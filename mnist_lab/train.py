@@ -129,6 +129,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
 
     best = trainer.checkpoint_callback
     metrics = {
+        "status": "ok",
         "val/acc": best.best_model_score.item(),
         "test/acc": test["test/acc"],
         "test/loss": test["test/loss"],

@@ -5,7 +5,7 @@ from omegaconf import OmegaConf
 
 from tests.conftest import ROOT, run_train
 
-GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks", "experiment"]
+GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks", "experiment", "sweep"]
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((ROOT / "conf" / group).glob("*.yaml"))]
 
 

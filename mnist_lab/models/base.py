@@ -60,6 +60,11 @@ class ImageClassifier(pl.LightningModule):
         self.train_seen.add_(len(y))
         # self.log has a cost on every call: make it only on the steps Lightning writes to the logger.
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            if not torch.isfinite(loss):  # checked here, where the host reads the loss anyway
+                raise InputError(
+                    f"training diverged: the loss is {loss.item()} at step {self.global_step}; "
+                    f"lower the learning rate (optimizer.lr={self.hparams.optimizer['lr']})"
+                )
             self.log("train/loss", loss)
         return loss
 

@@ -1,0 +1,219 @@
+"""Sweep reports: one row per job of a multirun, the best job by val/acc, seeds as mean +- std.
+
+    python -m mnist_lab.report <sweep folder>
+
+writes summary.csv, summary.md and summary.png into the folder. The Hydra callback `SweepReport`
+(on in conf/train.yaml) records failed jobs and writes the report after every job of a sweep,
+so a sweep that stops early, or has failing jobs, still gets one.
+"""
+
+import argparse
+import csv
+import io
+import json
+import os
+import statistics
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+METRICS = ("val/acc", "test/acc")
+
+
+def record_failure(run_dir: Path, error: BaseException) -> None:
+    """Mark a run failed in its metrics.json, keeping whatever metrics it already wrote."""
+    if isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__  # the error raised by the object Hydra was building
+    path = run_dir / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.exists() else {}
+    lines = str(error).strip().splitlines()
+    metrics.update(status="failed", error=f"{type(error).__name__}: {lines[0] if lines else ''}")
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def load_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One dict per job folder: its overrides (key -> value text) and its metrics.json."""
+    jobs = []
+    for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
+        job_dir = overrides_file.parent.parent
+        overrides = dict(o.lstrip("+~").split("=", 1) for o in OmegaConf.load(overrides_file))
+        metrics_file = job_dir / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {"status": "running"}
+        jobs.append({"job": job_dir.name, "overrides": overrides, **metrics})
+    return sorted(jobs, key=lambda job: (not job["job"].isdigit(), int(job["job"]) if job["job"].isdigit() else job["job"]))
+
+
+def swept_keys(jobs: list[dict[str, Any]]) -> list[str]:
+    """The override keys whose values differ between jobs, in command-line order."""
+    keys = list(dict.fromkeys(k for job in jobs for k in job["overrides"]))
+    return [k for k in keys if len({job["overrides"].get(k) for job in jobs}) > 1]
+
+
+def best_job(jobs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    ok = [job for job in jobs if job.get("status") == "ok"]
+    return max(ok, key=lambda job: job["val/acc"]) if ok else None
+
+
+def by_configuration(jobs: list[dict[str, Any]], keys: list[str]) -> dict[tuple, list[dict[str, Any]]]:
+    """Successful jobs grouped by their values of `keys` (the swept keys other than seed)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for job in jobs:
+        if job.get("status") == "ok":
+            groups.setdefault(tuple(job["overrides"].get(k) for k in keys), []).append(job)
+    return groups
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.4f}"
+
+
+def csv_text(jobs: list[dict[str, Any]], keys: list[str], best: dict | None) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["job", *keys, "status", *METRICS, "epochs", "fit_time_s", "best", "error"])
+    for job in jobs:
+        writer.writerow([
+            job["job"], *(job["overrides"].get(k, "") for k in keys), job.get("status"),
+            *(job.get(m, "") for m in METRICS), job.get("epochs", ""), job.get("fit_time_s", ""),
+            job is best, job.get("error", ""),
+        ])
+    return out.getvalue()
+
+
+def markdown(sweep_dir: Path, jobs: list[dict[str, Any]], keys: list[str], best: dict | None) -> str:
+    fixed = {k: v for k, v in jobs[0]["overrides"].items() if k not in keys} if jobs else {}
+    lines = [f"# Sweep {sweep_dir}", ""]
+    if fixed:
+        lines += ["Same in every job: " + " ".join(f"`{k}={v}`" for k, v in fixed.items()), ""]
+    lines += ["| job | " + " | ".join([*keys, "status", *METRICS, "epochs", "fit time (s)"]) + " |"]
+    lines += ["|" + " --- |" * (len(keys) + len(METRICS) + 4)]
+    for job in jobs:
+        status = job.get("status", "")
+        if status == "failed":
+            status = f"failed: {job.get('error', '')}".replace("|", "\\|")
+        marker = " **best**" if job is best else ""
+        values = [job["overrides"].get(k, "") for k in keys] + [status]
+        values += [f"{job[m]:.4f}" if m in job else "" for m in METRICS]
+        values += [job.get("epochs", ""), f"{job['fit_time_s']:.1f}" if "fit_time_s" in job else ""]
+        lines.append(f"| {job['job']}{marker} | " + " | ".join(map(str, values)) + " |")
+    lines.append("")
+    if best:
+        setting = " ".join(f"{k}={best['overrides'].get(k)}" for k in keys)
+        lines += [f"Best by val/acc: job {best['job']} ({setting}): val/acc {best['val/acc']:.4f}, "
+                  f"test/acc {best['test/acc']:.4f}. The test set is reported, never used to choose.", ""]
+    if "seed" in keys:
+        others = [k for k in keys if k != "seed"]
+        lines += ["## Over seeds (mean ± std)", "", "| " + " | ".join([*others, "runs", *METRICS]) + " |",
+                  "|" + " --- |" * (len(others) + 1 + len(METRICS))]
+        for values, group in by_configuration(jobs, others).items():
+            stats = [mean_std([job[m] for job in group]) for m in METRICS]
+            lines.append("| " + " | ".join([*map(str, values), str(len(group)), *stats]) + " |")
+        lines.append("")
+    failed = sum(job.get("status") == "failed" for job in jobs)
+    lines.append(f"{len(jobs)} jobs: {len(jobs) - failed} ok, {failed} failed.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, jobs: list[dict[str, Any]], keys: list[str]) -> None:
+    """A val/acc heatmap over two swept parameters (seeds averaged), else a bar per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    params = [k for k in keys if k != "seed"]
+    groups = {values: statistics.mean(job["val/acc"] for job in group)
+              for values, group in by_configuration(jobs, params).items()}
+    fig, ax = plt.subplots(figsize=(7, 5))
+    if len(params) == 2 and groups:
+        rows, cols = (sorted({v[i] for v in groups}, key=_numeric_first) for i in (0, 1))
+        grid = [[groups.get((r, c), float("nan")) for c in cols] for r in rows]
+        image = ax.imshow(grid, cmap="viridis")
+        ax.set(xticks=range(len(cols)), xticklabels=cols, yticks=range(len(rows)), yticklabels=rows,
+               xlabel=params[1], ylabel=params[0], title="val/acc")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                ax.text(j, i, "failed" if value != value else f"{value:.4f}", ha="center", va="center", color="w")
+        fig.colorbar(image, ax=ax)
+    else:
+        labels = [" ".join(f"{k}={v}" for k, v in zip(params, values, strict=True)) or "run" for values in groups]
+        ax.barh(labels, list(groups.values()))
+        ax.set(xlabel="val/acc", title="val/acc by configuration (failed jobs left out)")
+        if groups:
+            low = min(groups.values())
+            ax.set_xlim(max(0.0, low - 0.05 * (1 - low) - 0.01), 1.0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _numeric_first(value: str) -> tuple:
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def write_report(sweep_dir: str | Path) -> Path:
+    """Write summary.csv, summary.md and summary.png for a sweep folder; return summary.md's path."""
+    sweep_dir = Path(sweep_dir)
+    jobs = load_jobs(sweep_dir)
+    if not jobs:
+        raise FileNotFoundError(f"{sweep_dir} holds no job folders (<job>/.hydra/overrides.yaml): is it a sweep folder?")
+    keys, best = swept_keys(jobs), best_job(jobs)
+    # Each file appears whole: jobs of a parallel launcher may rewrite the report at the same time.
+    with _replaced(sweep_dir / "summary.csv") as tmp:
+        tmp.write_text(csv_text(jobs, keys, best))
+    with _replaced(sweep_dir / "summary.md") as tmp:
+        tmp.write_text(markdown(sweep_dir, jobs, keys, best))
+    with _replaced(sweep_dir / "summary.png") as tmp:
+        plot(tmp, jobs, keys)
+    return sweep_dir / "summary.md"
+
+
+@contextmanager
+def _replaced(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` (same suffix) that replaces it once written."""
+    tmp = path.with_name(f".{os.getpid()}.{path.name}")
+    yield tmp
+    tmp.replace(path)
+
+
+class SweepReport(Callback):
+    """Records a failed job in its metrics.json; rewrites the sweep's report after every job."""
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if job_return.status == JobStatus.FAILED:
+            try:
+                job_return.return_value  # raises the job's exception
+            except Exception as error:
+                record_failure(Path(config.hydra.runtime.output_dir), error)
+        if config.hydra.mode == RunMode.MULTIRUN:
+            write_report(config.hydra.sweep.dir)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if Path(config.hydra.sweep.dir).is_dir():
+            print(f"Sweep report: {write_report(config.hydra.sweep.dir)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Write summary.csv, summary.md and summary.png for a sweep folder.")
+    parser.add_argument("sweep_dir", type=Path)
+    args = parser.parse_args()
+    try:
+        path = write_report(args.sweep_dir)
+    except FileNotFoundError as e:
+        sys.exit(f"Error: {e}")
+    print(path.read_text(), end="")
+
+
+if __name__ == "__main__":
+    main()

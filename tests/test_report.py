@@ -1,0 +1,137 @@
+import csv
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mnist_lab.errors import InputError
+from mnist_lab.report import record_failure, write_report
+from mnist_lab.train import run
+from tests.conftest import ROOT, run_train, smoke_overrides
+
+
+def fake_job(sweep: Path, num: int, overrides: list[str], metrics: dict | None) -> None:
+    job = sweep / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if metrics is not None:
+        (job / "metrics.json").write_text(json.dumps(metrics))
+
+
+def ok(val: float, test: float) -> dict:
+    return {"status": "ok", "val/acc": val, "test/acc": test, "epochs": 2, "fit_time_s": 3.0}
+
+
+def rows(sweep: Path) -> list[dict]:
+    with open(sweep / "summary.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_grid_report_marks_the_best_by_val_acc(tmp_path):
+    grid = [("0.01", "64", 0.97, 0.99), ("0.01", "256", 0.95, 0.95), ("0.1", "64", 0.98, 0.96), ("0.1", "256", 0.96, 0.97)]
+    for num, (lr, bs, val, test) in enumerate(grid):
+        fake_job(tmp_path, num, ["model=lenet", f"optimizer.lr={lr}", f"data.batch_size={bs}"], ok(val, test))
+    write_report(tmp_path)
+    table = rows(tmp_path)
+    assert [r["job"] for r in table] == ["0", "1", "2", "3"]
+    assert list(table[0]) == ["job", "optimizer.lr", "data.batch_size", "status", "val/acc", "test/acc", "epochs",
+                              "fit_time_s", "best", "error"]
+    assert [r["best"] for r in table] == ["False", "False", "True", "False"]  # by val/acc, not test/acc
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| 2 **best** | 0.1 | 64 | ok | 0.9800 | 0.9600 |" in summary
+    assert "Same in every job: `model=lenet`" in summary
+    assert (tmp_path / "summary.png").stat().st_size > 1000
+
+
+def test_failed_and_unfinished_jobs_are_listed(tmp_path):
+    fake_job(tmp_path, 0, ["optimizer.lr=0.01"], ok(0.97, 0.97))
+    fake_job(tmp_path, 1, ["optimizer.lr=50"], {"status": "failed", "error": "InputError: training diverged"})
+    fake_job(tmp_path, 2, ["optimizer.lr=0.1"], None)
+    write_report(tmp_path)
+    assert [(r["status"], r["best"], r["error"]) for r in rows(tmp_path)] == [
+        ("ok", "True", ""), ("failed", "False", "InputError: training diverged"), ("running", "False", ""),
+    ]
+    assert "3 jobs: 2 ok, 1 failed." in (tmp_path / "summary.md").read_text()
+
+
+def test_seeds_are_aggregated_as_mean_and_std(tmp_path):
+    accuracies = {"0.01": [0.97, 0.98, 0.96], "0.1": [0.99, 0.985, 0.98]}
+    num = 0
+    for lr, values in accuracies.items():
+        for seed, val in enumerate(values, 1):
+            fake_job(tmp_path, num, [f"optimizer.lr={lr}", f"seed={seed}"], ok(val, val - 0.01))
+            num += 1
+    summary = write_report(tmp_path).read_text()
+    assert "## Over seeds (mean ± std)" in summary
+    for lr, values in accuracies.items():
+        val = f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+        test = f"{statistics.mean(v - 0.01 for v in values):.4f} ± {statistics.stdev(values):.4f}"
+        assert f"| {lr} | 3 | {val} | {test} |" in summary
+
+
+def test_record_failure_keeps_earlier_metrics(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({"status": "ok", "epochs": 2}))
+    record_failure(tmp_path, RuntimeError("first line\nsecond line"))
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {
+        "status": "failed", "epochs": 2, "error": "RuntimeError: first line",
+    }
+
+
+def test_report_command_on_an_existing_folder(tmp_path):
+    fake_job(tmp_path, 0, ["optimizer.lr=0.01"], ok(0.97, 0.97))
+    fake_job(tmp_path, 1, ["optimizer.lr=0.1"], ok(0.98, 0.97))
+    result = subprocess.run([sys.executable, "-m", "mnist_lab.report", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "| 1 **best** | 0.1 | ok |" in result.stdout
+    assert (tmp_path / "summary.csv").exists() and (tmp_path / "summary.png").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = subprocess.run([sys.executable, "-m", "mnist_lab.report", str(empty)], capture_output=True, text=True)
+    assert result.returncode != 0 and "holds no job folders" in result.stderr
+
+
+def test_divergence_stops_the_run_with_advice(synthetic_dir, make_cfg, tmp_path):
+    cfg = make_cfg(*smoke_overrides(synthetic_dir, "model=lenet", "optimizer.lr=1e30", "scheduler=none"))
+    with pytest.raises(InputError, match=r"training diverged: the loss is nan at step \d+; lower the learning rate"):
+        run(cfg, tmp_path)
+
+
+@pytest.mark.slow
+def test_multirun_grid_writes_a_report_with_the_best_job(synthetic_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_train("-m", *smoke_overrides(synthetic_dir, "model=softmax"), "optimizer.lr=0.01,0.5",
+                       "data.batch_size=16,32", f"hydra.sweep.dir={sweep}", timeout=300)
+    assert result.returncode == 0, result.stderr
+    metrics = {d.name: json.loads((d / "metrics.json").read_text()) for d in sweep.iterdir() if d.is_dir()}
+    assert sorted(metrics) == ["0", "1", "2", "3"]
+    table = rows(sweep)
+    assert len(table) == 4 and all(r["status"] == "ok" for r in table)
+    best = max(metrics, key=lambda job: metrics[job]["val/acc"])
+    assert [r["job"] for r in table if r["best"] == "True"] == [best]
+    assert (sweep / "summary.png").exists()
+
+
+@pytest.mark.slow
+def test_a_failing_job_is_listed_and_the_others_finish(synthetic_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_train("-m", *smoke_overrides(synthetic_dir, "model=softmax"), "optimizer.lr=0.01,0.05,-1,0.1",
+                       f"hydra.sweep.dir={sweep}", timeout=300)
+    assert result.returncode != 0
+    table = rows(sweep)
+    assert [r["status"] for r in table] == ["ok", "ok", "failed", "ok"]
+    assert "optimizer.lr must be > 0" in table[2]["error"]
+    assert "4 jobs: 3 ok, 1 failed." in (sweep / "summary.md").read_text()
+
+
+def test_named_sweeps_compose(make_cfg):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        grid = compose("train", ["sweep=grid"], return_hydra_config=True)
+        seeds = compose("train", ["sweep=seeds"], return_hydra_config=True)
+    assert dict(grid.hydra.sweeper.params) == {"optimizer.lr": "0.01,0.05,0.1", "data.batch_size": "64,256"}
+    assert dict(seeds.hydra.sweeper.params) == {"seed": "1,2,3"}
