@@ -136,12 +136,14 @@ def plot(path: Path, jobs: list[dict[str, Any]], keys: list[str]) -> None:
     if len(params) == 2 and groups:
         rows, cols = (sorted({v[i] for v in groups}, key=_numeric_first) for i in (0, 1))
         grid = [[groups.get((r, c), float("nan")) for c in cols] for r in rows]
-        image = ax.imshow(grid, cmap="viridis")
+        image = ax.imshow(grid, cmap="viridis", aspect="auto")
         ax.set(xticks=range(len(cols)), xticklabels=cols, yticks=range(len(rows)), yticklabels=rows,
                xlabel=params[1], ylabel=params[0], title="val/acc")
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
-                ax.text(j, i, "failed" if value != value else f"{value:.4f}", ha="center", va="center", color="w")
+                bright = value == value and image.norm(value) > 0.5  # dark text on the light end of viridis
+                text = "failed" if value != value else f"{value:.4f}"
+                ax.text(j, i, text, ha="center", va="center", color="black" if bright else "white")
         fig.colorbar(image, ax=ax)
     else:
         labels = [" ".join(f"{k}={v}" for k, v in zip(params, values, strict=True)) or "run" for values in groups]
