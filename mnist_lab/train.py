@@ -17,6 +17,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.tensorboard.summary import hparams
 
 from mnist_lab.errors import InputError
+from mnist_lab.figures import plot_curves
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     }
     if isinstance(logger, TensorBoardLogger):
         log_hparams(logger, cfg)
+        plot_curves(out_dir)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     logdir = "outputs" if out_dir.resolve().is_relative_to(Path("outputs").resolve()) else out_dir
     log.info(

@@ -135,3 +135,24 @@ def test_named_sweeps_compose(make_cfg):
         seeds = compose("train", ["sweep=seeds"], return_hydra_config=True)
     assert dict(grid.hydra.sweeper.params) == {"optimizer.lr": "0.01,0.05,0.1", "data.batch_size": "64,256"}
     assert dict(seeds.hydra.sweeper.params) == {"seed": "1,2,3"}
+
+
+def test_misclassified_grid_keeps_the_most_confident_mistakes():
+    import torch
+
+    from mnist_lab.figures import TestFigures
+
+    class Module:
+        hparams = {"num_classes": 3}
+        device = torch.device("cpu")
+
+    Module.hparams = type("H", (), {"num_classes": 3})()
+    figures = TestFigures(samples=2)
+    figures.on_test_epoch_start(None, Module())
+    images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 28, 28)
+    logits = torch.tensor([[5.0, 0, 0], [0, 9.0, 0], [0, 0, 1.0], [0, 7.0, 0]])
+    figures.on_test_batch_end(None, None, logits, (images, torch.tensor([0, 0, 1, 2])), 0)
+    _, predicted, labels, confidence = figures.wrong[0]
+    assert predicted.tolist() == [1, 1] and labels.tolist() == [0, 2]  # the two most confident of three mistakes
+    assert confidence[0] > confidence[1]
+    assert figures.confusion.compute()[0].tolist() == [1, 1, 0]

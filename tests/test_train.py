@@ -31,7 +31,7 @@ def smoke_runs(synthetic_dir, tmp_path_factory):
 
 
 def events(out_dir: Path) -> EventAccumulator:
-    accumulator = EventAccumulator(str(out_dir), size_guidance={"scalars": 0})
+    accumulator = EventAccumulator(str(out_dir), size_guidance={"scalars": 0, "images": 0})
     accumulator.Reload()
     return accumulator
 
@@ -47,6 +47,7 @@ def test_smoke_run_writes_metrics_checkpoints_and_events(name, smoke_runs):
     assert (out_dir / "checkpoints" / "last.ckpt").exists()
     assert (out_dir / saved["best_checkpoint"]).exists()
     assert list(out_dir.glob("events.out.tfevents.*"))
+    assert (out_dir / "curves.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -58,6 +59,8 @@ def test_event_files_hold_the_scalars_and_hparams_with_metrics(name, smoke_runs)
     assert accumulator.Scalars("test/acc")[-1].value == pytest.approx(metrics["test/acc"])
     assert accumulator.Scalars("val/acc_best")[-1].value == pytest.approx(metrics["val/acc"])
     assert len(accumulator.Scalars("train/loss")) == 6  # 3 steps x 2 epochs, log_every_n_steps=1
+
+    assert set(accumulator.Tags()["images"]) == {"test/samples", "test/misclassified", "test/confusion_matrix"}
 
     content = accumulator.PluginTagToContent("hparams")
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment

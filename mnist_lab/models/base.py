@@ -83,17 +83,18 @@ class ImageClassifier(pl.LightningModule):
             metrics["val/acc_best"] = self.val_acc_best.compute()
         self.log_dict(metrics)
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_loss, self.test_acc)
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._evaluate(batch, self.test_loss, self.test_acc)  # logits, for callbacks such as TestFigures
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self._epoch_metrics("test", self.test_loss, self.test_acc))
 
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], loss: MeanMetric, acc: MulticlassAccuracy) -> None:
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], loss: MeanMetric, acc: MulticlassAccuracy) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         loss.update(F.cross_entropy(logits, y), weight=len(y))
         acc.update(logits, y)
+        return logits
 
     @staticmethod
     def _epoch_metrics(stage: str, loss: MeanMetric, acc: MulticlassAccuracy) -> dict[str, torch.Tensor]:
