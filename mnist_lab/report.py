@@ -42,13 +42,14 @@ def record_failure(run_dir: Path, error: BaseException) -> None:
 def load_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     """One dict per job folder: its overrides (key -> value text) and its metrics.json."""
     jobs = []
-    for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
+    for overrides_file in sweep_dir.glob("*/.hydra/overrides.yaml"):
         job_dir = overrides_file.parent.parent
-        overrides = dict(o.lstrip("+~").split("=", 1) for o in OmegaConf.load(overrides_file))
+        # "key=value", "+key=value" (added) or "~key" (deleted, no value)
+        overrides = {key: value for key, _, value in (o.lstrip("+~").partition("=") for o in OmegaConf.load(overrides_file))}
         metrics_file = job_dir / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {"status": "running"}
         jobs.append({"job": job_dir.name, "overrides": overrides, **metrics})
-    return sorted(jobs, key=lambda job: (not job["job"].isdigit(), int(job["job"]) if job["job"].isdigit() else job["job"]))
+    return sorted(jobs, key=lambda job: (0, int(job["job"])) if job["job"].isdigit() else (1, job["job"]))  # 2 before 10
 
 
 def swept_keys(jobs: list[dict[str, Any]]) -> list[str]:

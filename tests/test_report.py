@@ -34,7 +34,8 @@ def rows(sweep: Path) -> list[dict]:
 def test_grid_report_marks_the_best_by_val_acc(tmp_path):
     grid = [("0.01", "64", 0.97, 0.99), ("0.01", "256", 0.95, 0.95), ("0.1", "64", 0.98, 0.96), ("0.1", "256", 0.96, 0.97)]
     for num, (lr, bs, val, test) in enumerate(grid):
-        fake_job(tmp_path, num, ["model=lenet", f"optimizer.lr={lr}", f"data.batch_size={bs}"], ok(val, test))
+        overrides = ["model=lenet", f"optimizer.lr={lr}", f"data.batch_size={bs}", "~callbacks.progress_bar"]
+        fake_job(tmp_path, num, overrides, ok(val, test))
     write_report(tmp_path)
     table = rows(tmp_path)
     assert [r["job"] for r in table] == ["0", "1", "2", "3"]
