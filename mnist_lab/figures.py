@@ -3,21 +3,19 @@ matrix (into TensorBoard's IMAGES tab, at test time) and the learning curves (cu
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files and TensorBoard only; never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
-from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
-from torchmetrics.classification import MulticlassConfusionMatrix  # noqa: E402
+import pytorch_lightning as pl
+import torch
+from matplotlib.figure import Figure  # not pyplot: no backend, no global state, nothing to close
+from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 
-def digit_grid(images: torch.Tensor, titles: list[str], columns: int = 8) -> plt.Figure:
+def digit_grid(images: torch.Tensor, titles: list[str], columns: int = 8) -> Figure:
     """A grid of (N, 1, 28, 28) images, each titled."""
     rows = max(1, -(-len(images) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.3), squeeze=False)
+    fig = Figure(figsize=(columns * 1.1, rows * 1.3))
+    axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, title in zip(axes.flat, images, titles):
@@ -27,8 +25,9 @@ def digit_grid(images: torch.Tensor, titles: list[str], columns: int = 8) -> plt
     return fig
 
 
-def confusion_figure(matrix: torch.Tensor) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(6, 5))
+def confusion_figure(matrix: torch.Tensor) -> Figure:
+    fig = Figure(figsize=(6, 5))
+    ax = fig.subplots()
     image = ax.imshow(matrix.cpu().numpy(), cmap="Blues")
     n = len(matrix)
     ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title="confusion matrix (test)")
@@ -83,7 +82,8 @@ def plot_curves(run_dir: Path) -> Path:
     events.Reload()
     tags = events.Tags()["scalars"]
     panels = [("train/loss", "training loss"), ("val/loss", "validation loss"), ("val/acc", "validation accuracy")]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.6))
+    axes = fig.subplots(1, 3)
     for ax, (tag, title) in zip(axes, panels):
         if tag in tags:
             points = events.Scalars(tag)
@@ -93,5 +93,4 @@ def plot_curves(run_dir: Path) -> Path:
     fig.tight_layout()
     path = run_dir / "curves.png"
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

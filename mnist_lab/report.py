@@ -23,6 +23,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
+from matplotlib.figure import Figure  # not pyplot: no backend, no global state
 from omegaconf import DictConfig, OmegaConf
 
 METRICS = ("val/acc", "test/acc")
@@ -125,15 +126,11 @@ def markdown(sweep_dir: Path, jobs: list[dict[str, Any]], keys: list[str], best:
 
 def plot(path: Path, jobs: list[dict[str, Any]], keys: list[str]) -> None:
     """A val/acc heatmap over two swept parameters (seeds averaged), else a bar per configuration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     params = [k for k in keys if k != "seed"]
     groups = {values: statistics.mean(job["val/acc"] for job in group)
               for values, group in by_configuration(jobs, params).items()}
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig = Figure(figsize=(7, 5))
+    ax = fig.subplots()
     if len(params) == 2 and groups:
         rows, cols = (sorted({v[i] for v in groups}, key=_numeric_first) for i in (0, 1))
         grid = [[groups.get((r, c), float("nan")) for c in cols] for r in rows]
@@ -155,7 +152,6 @@ def plot(path: Path, jobs: list[dict[str, Any]], keys: list[str]) -> None:
             ax.set_xlim(max(0.0, low - 0.05 * (1 - low) - 0.01), 1.0)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _numeric_first(value: str) -> tuple:
