@@ -18,7 +18,7 @@ from mnist_lab.train import run
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     try:
-        return run(cfg, hydra_cfg.runtime.output_dir)["val/acc"]
+        return run(cfg, hydra_cfg.runtime.output_dir, hydra_cfg.overrides.task)["val/acc"]
     except (InputError, InstantiationException) as e:
         # Hydra wraps errors raised while building objects; bad input gets one line, not a traceback.
         cause = e if isinstance(e, InputError) else e.__cause__

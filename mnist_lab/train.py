@@ -5,6 +5,7 @@ import logging
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +77,23 @@ class CheckOutputDir(HydraCallback):
             sys.exit(f"Error: {e}")
 
 
-def flat_params(cfg: DictConfig) -> dict[str, Any]:
-    """The run's hyperparameters as {"optimizer.lr": 0.05, ...}, in types TensorBoard can show."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    flat = {"seed": container["seed"], "trainer.max_epochs": container["trainer"]["max_epochs"]}
-    for group in ("data", "model", "optimizer", "scheduler"):
-        for key, value in container[group].items():
-            flat[f"{group}.{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
-    return flat
+def hparams_of(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The hyperparameters TensorBoard's HPARAMS tab shows: a fixed set, plus every key set on the
+    command line. Every job of a sweep gets the same keys, so the table lines up."""
+    short = lambda target: target.rsplit(".", 1)[-1]  # noqa: E731
+    params: dict[str, Any] = {
+        "model": short(cfg.model._target_), "optimizer": short(cfg.optimizer._target_),
+        "scheduler": short(cfg.scheduler._target_), "optimizer.lr": cfg.optimizer.lr,
+        "data.dataset": cfg.data.dataset, "data.batch_size": cfg.data.batch_size, "seed": cfg.seed,
+        "trainer.max_epochs": cfg.trainer.max_epochs,
+    }
+    for override in overrides:
+        key = override.lstrip("+~").partition("=")[0]
+        value = OmegaConf.select(cfg, key, default=None)
+        if key not in params and not key.startswith("hydra.") and not isinstance(value, DictConfig):
+            # A config group (model=mlp) shows through the fixed keys; a value shows as itself.
+            params[key] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return params
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -94,20 +104,23 @@ def check_config(cfg: DictConfig) -> None:
         raise InputError("trainer=gpu, but PyTorch sees no CUDA GPU here: use trainer=cpu, or the default, which picks one")
 
 
-def log_hparams(logger: TensorBoardLogger, cfg: DictConfig) -> None:
+def log_hparams(logger: TensorBoardLogger, params: dict[str, Any]) -> None:
     """Give TensorBoard's HPARAMS tab this run's hyperparameters and the metric tags to show.
 
     Written after testing, so each metric's last logged value is the final one; Lightning's own
     call at fit start would show a -1 placeholder.
     """
     writer = logger.experiment
-    for summary in hparams(flat_params(cfg), dict.fromkeys(HPARAM_METRICS, 0.0)):
+    for summary in hparams(params, dict.fromkeys(HPARAM_METRICS, 0.0)):
         writer._get_file_writer().add_summary(summary)
     writer.flush()
 
 
-def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Train and test one configuration; write out_dir/metrics.json and return the metrics."""
+def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Train and test one configuration; write out_dir/metrics.json and return the metrics.
+
+    `overrides` are the command line's (Hydra's task overrides): their keys join the HPARAMS tab.
+    """
     out_dir = Path(out_dir)
     ensure_writable(out_dir)
     check_config(cfg)
@@ -140,7 +153,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         "best_checkpoint": str(Path(best.best_model_path).relative_to(out_dir)),
     }
     if isinstance(logger, TensorBoardLogger):
-        log_hparams(logger, cfg)
+        log_hparams(logger, hparams_of(cfg, overrides))
         plot_curves(out_dir)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     logdir = "outputs" if out_dir.resolve().is_relative_to(Path("outputs").resolve()) else out_dir

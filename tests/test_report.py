@@ -105,7 +105,7 @@ def test_divergence_stops_the_run_with_advice(synthetic_dir, make_cfg, tmp_path)
 def test_multirun_grid_writes_a_report_with_the_best_job(synthetic_dir, tmp_path):
     sweep = tmp_path / "sweep"
     result = run_train("-m", *smoke_overrides(synthetic_dir, "model=softmax"), "optimizer.lr=0.01,0.5",
-                       "data.batch_size=16,32", f"hydra.sweep.dir={sweep}", timeout=300)
+                       "data.split_seed=1,2", f"hydra.sweep.dir={sweep}", timeout=300)
     assert result.returncode == 0, result.stderr
     metrics = {d.name: json.loads((d / "metrics.json").read_text()) for d in sweep.iterdir() if d.is_dir()}
     assert sorted(metrics) == ["0", "1", "2", "3"]
@@ -114,6 +114,19 @@ def test_multirun_grid_writes_a_report_with_the_best_job(synthetic_dir, tmp_path
     best = max(metrics, key=lambda job: metrics[job]["val/acc"])
     assert [r["job"] for r in table if r["best"] == "True"] == [best]
     assert (sweep / "summary.png").exists()
+    # TensorBoard's HPARAMS: the same keys in every job, the swept ones among them
+    keys = [set(session_hparams(sweep / job)) for job in sorted(metrics)]
+    assert all(k == keys[0] for k in keys) and {"optimizer.lr", "data.split_seed"} <= keys[0]
+
+
+def session_hparams(run_dir: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    return dict(plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams)
 
 
 @pytest.mark.slow

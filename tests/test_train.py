@@ -66,9 +66,21 @@ def test_event_files_hold_the_scalars_and_hparams_with_metrics(name, smoke_runs)
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     assert {"val/acc", "test/acc", "test/loss"} <= {m.name.tag for m in experiment.metric_infos}
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert set(session.hparams) == {"model", "optimizer", "scheduler", "optimizer.lr", "data.dataset", "data.batch_size",
+                                    "seed", "trainer.max_epochs"}
+    assert session.hparams["model"].string_value == MODELS[name].__name__
     assert session.hparams["optimizer.lr"].number_value == 0.05
     assert session.hparams["data.batch_size"].number_value == 32
-    assert session.hparams["model._target_"].string_value == f"mnist_lab.models.{MODELS[name].__name__}"
+
+
+def test_hparams_have_the_same_keys_across_a_sweep(make_cfg):
+    from mnist_lab.train import hparams_of
+
+    sweep = [["model=lenet", "optimizer=sgd", "model.dropout=0.1"], ["model=mlp", "optimizer=adam", "model.dropout=0.3"]]
+    params = [hparams_of(make_cfg(*overrides), overrides) for overrides in sweep]
+    assert params[0].keys() == params[1].keys()
+    assert (params[0]["model"], params[0]["optimizer"], params[0]["model.dropout"]) == ("LeNet", "SGD", 0.1)
+    assert (params[1]["model"], params[1]["optimizer"], params[1]["model.dropout"]) == ("MLP", "Adam", 0.3)
 
 
 @pytest.mark.parametrize("name", MODELS)
