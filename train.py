@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
@@ -11,12 +12,14 @@ from omegaconf import DictConfig
 
 from mnist_lab.errors import InputError
 from mnist_lab.report import record_failure
-from mnist_lab.train import run
+from mnist_lab.train import run, threads_per_job
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
+    if threads := threads_per_job(hydra_cfg):
+        torch.set_num_threads(threads)
     try:
         return run(cfg, hydra_cfg.runtime.output_dir, hydra_cfg.overrides.task)["val/acc"]
     except (InputError, InstantiationException) as e:

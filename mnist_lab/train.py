@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -12,6 +13,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.experimental.callback import Callback as HydraCallback
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import TensorBoardLogger
@@ -77,6 +79,16 @@ class CheckOutputDir(HydraCallback):
             sys.exit(f"Error: {e}")
 
 
+def threads_per_job(hydra_cfg: DictConfig) -> int | None:
+    """CPU threads for each job when a launcher runs jobs side by side (hydra/launcher=joblib), so
+    that they share the cores instead of fighting over them; None when jobs run one at a time."""
+    n_jobs = OmegaConf.select(hydra_cfg, "launcher.n_jobs")
+    if hydra_cfg.mode != RunMode.MULTIRUN or n_jobs is None:
+        return None
+    cores = os.cpu_count() or 1
+    return max(1, cores // (cores if n_jobs < 0 else min(n_jobs, cores)))
+
+
 def hparams_of(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The hyperparameters TensorBoard's HPARAMS tab shows: a fixed set, plus every key set on the
     command line. Every job of a sweep gets the same keys, so the table lines up."""
@@ -127,6 +139,7 @@ def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = ()) -> 
     # In-memory batches need no loader workers; Lightning's advice to add some does not apply.
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
+    log.info("torch uses %d CPU threads", torch.get_num_threads())
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, optimizer=cfg.optimizer, scheduler=cfg.scheduler, _recursive_=False, _convert_="all")

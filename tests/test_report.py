@@ -170,3 +170,28 @@ def test_misclassified_grid_keeps_the_most_confident_mistakes():
     assert predicted.tolist() == [1, 1] and labels.tolist() == [0, 2]  # the two most confident of three mistakes
     assert confidence[0] > confidence[1]
     assert figures.confusion.compute()[0].tolist() == [1, 1, 0]
+
+
+@pytest.mark.parametrize("n_jobs, cores, expected", [(-1, 2, 1), (2, 2, 1), (1, 2, 2), (2, 16, 8), (4, 2, 1)])
+def test_parallel_jobs_share_the_cores(n_jobs, cores, expected, monkeypatch):
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from mnist_lab.train import threads_per_job
+
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    hydra_cfg = OmegaConf.create({"mode": RunMode.MULTIRUN, "launcher": {"n_jobs": n_jobs}})
+    assert threads_per_job(hydra_cfg) == expected
+    assert threads_per_job(OmegaConf.create({"mode": RunMode.MULTIRUN, "launcher": {}})) is None
+
+
+@pytest.mark.slow
+def test_joblib_launcher_runs_jobs_in_parallel_processes(synthetic_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_train("-m", "hydra/launcher=joblib", *smoke_overrides(synthetic_dir, "model=softmax"),
+                       "optimizer.lr=0.01,0.1", f"hydra.sweep.dir={sweep}", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Joblib.Parallel(n_jobs=-1" in result.stdout + result.stderr
+    assert [r["status"] for r in rows(sweep)] == ["ok", "ok"]
+    logs = [(sweep / job / "train.log").read_text() for job in ("0", "1")]
+    assert all("torch uses 1 CPU threads" in log for log in logs)  # n_jobs=-1: one job per core
