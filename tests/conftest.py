@@ -1,5 +1,6 @@
 import os
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -78,8 +79,6 @@ def smoke_overrides(data_dir: Path, *extra: str) -> list[str]:
 
 def run_train(*args: str, cwd: Path | None = None, timeout: int = 180, env: dict | None = None):
     """Run train.py in a subprocess, as a user would."""
-    import subprocess
-
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd or ROOT, capture_output=True, text=True,
         timeout=timeout, env={**os.environ, **(env or {})},

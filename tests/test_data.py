@@ -172,11 +172,14 @@ def test_unknown_dataset_is_refused():
         MNISTDataModule(dataset="CIFAR10")
 
 
-def test_real_mnist_has_the_official_sizes(real_data_dir):
-    dm = MNISTDataModule(data_dir=str(real_data_dir), download=False)
+@pytest.mark.parametrize("data", ["mnist", "fashion_mnist"])
+def test_real_data_has_the_official_sizes_and_configured_statistics(data, real_data_dir, make_cfg):
+    from hydra.utils import instantiate
+
+    dm = instantiate(make_cfg(f"data={data}", f"data.data_dir={real_data_dir}", "data.download=false").data)
     dm.setup("fit")
     dm.setup("test")
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (55_000, 5_000, 10_000)
     x, _ = dm.on_after_batch_transfer([dm.train_set.images, dm.train_set.labels], 0)
-    # Normalized with MNIST's own statistics, the training images have about mean 0 and std 1.
+    # Normalized with the config's mean and std, the training images have about mean 0 and std 1.
     assert abs(x.mean().item()) < 0.01 and abs(x.std().item() - 1) < 0.01
