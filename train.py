@@ -11,7 +11,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mnist_lab.errors import InputError
-from mnist_lab.report import record_failure
+from mnist_lab.report import record_failure, recorded_sweep_keys
 from mnist_lab.train import run, threads_per_job
 
 
@@ -20,8 +20,11 @@ def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     if threads := threads_per_job(hydra_cfg):
         torch.set_num_threads(threads)
+    overrides = list(hydra_cfg.overrides.task)
+    # In a sweep, the TensorBoard run is named by the swept values: lr=0.01,batch_size=64.
+    swept = recorded_sweep_keys(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else []
     try:
-        return run(cfg, hydra_cfg.runtime.output_dir, hydra_cfg.overrides.task)["val/acc"]
+        return run(cfg, hydra_cfg.runtime.output_dir, overrides, swept)["val/acc"]
     except (InputError, InstantiationException) as e:
         # Hydra wraps errors raised while building objects; bad input gets one line, not a traceback.
         cause = e if isinstance(e, InputError) else e.__cause__

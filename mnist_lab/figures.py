@@ -76,9 +76,10 @@ class TestFigures(pl.Callback):
         writer.add_figure("test/confusion_matrix", confusion_figure(self.confusion.compute()), step)
 
 
-def plot_curves(run_dir: Path) -> Path:
-    """curves.png from the run's event files: training loss, validation loss and accuracy."""
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+def plot_curves(run_dir: Path, log_dir: Path | None = None) -> Path:
+    """run_dir/curves.png from the event files in log_dir (default run_dir): training loss,
+    validation loss and validation accuracy."""
+    events = EventAccumulator(str(log_dir or run_dir), size_guidance={"scalars": 0})
     events.Reload()
     tags = events.Tags()["scalars"]
     panels = [("train/loss", "training loss"), ("val/loss", "validation loss"), ("val/acc", "validation accuracy")]

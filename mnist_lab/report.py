@@ -11,6 +11,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import statistics
 import sys
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
@@ -27,6 +29,7 @@ from matplotlib.figure import Figure  # not pyplot: no backend, no global state
 from omegaconf import DictConfig, OmegaConf
 
 METRICS = ("val/acc", "test/acc")
+SWEEP_FILE = "sweep.json"  # written into the sweep folder when a multirun starts
 
 
 def record_failure(run_dir: Path, error: BaseException) -> None:
@@ -53,10 +56,12 @@ def load_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     return sorted(jobs, key=lambda job: (0, int(job["job"])) if job["job"].isdigit() else (1, job["job"]))  # 2 before 10
 
 
-def swept_keys(jobs: list[dict[str, Any]]) -> list[str]:
-    """The override keys whose values differ between jobs, in command-line order."""
+def swept_keys(jobs: list[dict[str, Any]], declared: list[str] = ()) -> list[str]:
+    """The keys the sweep declared (sweep.json), then other override keys whose values differ
+    between jobs, in command-line order. A search that drew one value twice still shows it."""
     keys = list(dict.fromkeys(k for job in jobs for k in job["overrides"]))
-    return [k for k in keys if len({job["overrides"].get(k) for job in jobs}) > 1]
+    return list(dict.fromkeys([*(k for k in declared if k in keys),
+                               *(k for k in keys if len({job["overrides"].get(k) for job in jobs}) > 1)]))
 
 
 def best_job(jobs: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -71,6 +76,39 @@ def by_configuration(jobs: list[dict[str, Any]], keys: list[str]) -> dict[tuple,
         if job.get("status") == "ok":
             groups.setdefault(tuple(job["overrides"].get(k) for k in keys), []).append(job)
     return groups
+
+
+def sweep_keys(config: DictConfig) -> list[str]:
+    """The keys a multirun sweeps: those of hydra.sweeper.params (sweep=grid, sweep=optuna) and of
+    command-line overrides with several values (a,b  range(...)  choice(...)  interval(...)),
+    a later fixed value on the command line winning over a swept one in the config."""
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    texts = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
+    last = {o.key_or_group: o for o in OverridesParser.create().parse_overrides(texts)}
+    return [key for key, override in last.items() if override.is_sweep_override()]
+
+
+def run_name(swept: list[str], job_overrides: list[str]) -> str:
+    """A short name for one job from its values of the swept keys: "lr=0.0123,batch_size=64"."""
+    values = {key: value for key, _, value in (o.lstrip("+~").partition("=") for o in job_overrides)}
+    short = [key.rsplit(".", 1)[-1] for key in swept]
+    names = [s if short.count(s) == 1 else key for s, key in zip(short, swept, strict=True)]
+    return ",".join(f"{name}={_compact(values.get(key, ''))}" for name, key in zip(names, swept, strict=True)).replace("/", "_")
+
+
+def recorded_sweep_keys(sweep_dir: str | Path) -> list[str]:
+    """The swept keys SweepReport recorded when the multirun started; none if it did not."""
+    path = Path(sweep_dir) / SWEEP_FILE
+    return json.loads(path.read_text())["swept"] if path.exists() else []
+
+
+def _compact(value: str) -> str:
+    """Optuna's 0.012345678901 as 0.0123; other values unchanged."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if value.lstrip("-").isdigit() else f"{number:.3g}"
 
 
 def mean_std(values: list[float]) -> str:
@@ -102,13 +140,13 @@ def markdown(sweep_dir: Path, jobs: list[dict[str, Any]], keys: list[str], best:
         if status == "failed":
             status = f"failed: {job.get('error', '')}".replace("|", "\\|")
         marker = " **best**" if job is best else ""
-        values = [job["overrides"].get(k, "") for k in keys] + [status]
+        values = [_compact(job["overrides"].get(k, "")) for k in keys] + [status]
         values += [f"{job[m]:.4f}" if m in job else "" for m in METRICS]
         values += [job.get("epochs", ""), f"{job['fit_time_s']:.1f}" if "fit_time_s" in job else ""]
         lines.append(f"| {job['job']}{marker} | " + " | ".join(map(str, values)) + " |")
     lines.append("")
     if best:
-        setting = " ".join(f"{k}={best['overrides'].get(k)}" for k in keys)
+        setting = " ".join(f"{k}={_compact(best['overrides'].get(k, ''))}" for k in keys)
         lines += [f"Best by val/acc: job {best['job']} ({setting}): val/acc {best['val/acc']:.4f}, "
                   f"test/acc {best['test/acc']:.4f}. The test set is reported, never used to choose.", ""]
     if "seed" in keys:
@@ -125,33 +163,50 @@ def markdown(sweep_dir: Path, jobs: list[dict[str, Any]], keys: list[str], best:
 
 
 def plot(path: Path, jobs: list[dict[str, Any]], keys: list[str]) -> None:
-    """A val/acc heatmap over two swept parameters (seeds averaged), else a bar per configuration."""
+    """val/acc as a heatmap over two swept parameters (seeds averaged), as a bar per configuration
+    for one, and by job for more (a search such as sweep=optuna), with the best so far."""
     params = [k for k in keys if k != "seed"]
     groups = {values: statistics.mean(job["val/acc"] for job in group)
               for values, group in by_configuration(jobs, params).items()}
-    fig = Figure(figsize=(7, 5))
+    fig = Figure(figsize=(7, 5), layout="constrained")
     ax = fig.subplots()
     if len(params) == 2 and groups:
         rows, cols = (sorted({v[i] for v in groups}, key=_numeric_first) for i in (0, 1))
         grid = [[groups.get((r, c), float("nan")) for c in cols] for r in rows]
         image = ax.imshow(grid, cmap="viridis", aspect="auto")
-        ax.set(xticks=range(len(cols)), xticklabels=cols, yticks=range(len(rows)), yticklabels=rows,
-               xlabel=params[1], ylabel=params[0], title="val/acc")
+        ax.set(xticks=range(len(cols)), xticklabels=[_compact(c) for c in cols], yticks=range(len(rows)),
+               yticklabels=[_compact(r) for r in rows], xlabel=params[1], ylabel=params[0], title="val/acc")
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
-                bright = value == value and image.norm(value) > 0.5  # dark text on the light end of viridis
-                text = "failed" if value != value else f"{value:.4f}"
-                ax.text(j, i, text, ha="center", va="center", color="black" if bright else "white")
+                failed = math.isnan(value)
+                bright = not failed and image.norm(value) > 0.5  # dark text on the light end of viridis
+                ax.text(j, i, "failed" if failed else f"{value:.4f}", ha="center", va="center",
+                        color="black" if bright else "white")
         fig.colorbar(image, ax=ax)
+    elif len(params) > 2:
+        done = [job for job in jobs if job.get("status") == "ok"]
+        numbers = [int(job["job"]) if job["job"].isdigit() else i for i, job in enumerate(done)]
+        values = [job["val/acc"] for job in done]
+        ax.plot(numbers, values, "o", label="job")
+        ax.step(numbers, [max(values[: i + 1]) for i in range(len(values))], where="post", label="best so far")
+        ax.set(xlabel="job (trial)", ylabel="val/acc", title="val/acc by job (failed jobs left out)")
+        if values:
+            ax.set_ylim(max(0.0, _lower_limit(values)), 1.0)
+        ax.legend(loc="lower right")
     else:
-        labels = [" ".join(f"{k}={v}" for k, v in zip(params, values, strict=True)) or "run" for values in groups]
+        labels = [" ".join(f"{k}={_compact(v)}" for k, v in zip(params, values, strict=True)) or "run"
+                  for values in groups]
         ax.barh(labels, list(groups.values()))
         ax.set(xlabel="val/acc", title="val/acc by configuration (failed jobs left out)")
         if groups:
-            low = min(groups.values())
-            ax.set_xlim(max(0.0, low - 0.05 * (1 - low) - 0.01), 1.0)
-    fig.tight_layout()
+            ax.set_xlim(max(0.0, _lower_limit(list(groups.values()))), 1.0)
     fig.savefig(path, dpi=100)
+
+
+def _lower_limit(values: list[float]) -> float:
+    """An axis start a little below the lowest value, so that close accuracies look different."""
+    low = min(values)
+    return low - 0.05 * (1 - low) - 0.01
 
 
 def _numeric_first(value: str) -> tuple:
@@ -167,7 +222,9 @@ def write_report(sweep_dir: str | Path) -> Path:
     jobs = load_jobs(sweep_dir)
     if not jobs:
         raise FileNotFoundError(f"{sweep_dir} holds no job folders (<job>/.hydra/overrides.yaml): is it a sweep folder?")
-    keys, best = swept_keys(jobs), best_job(jobs)
+    declared = sweep_dir / SWEEP_FILE
+    keys = swept_keys(jobs, json.loads(declared.read_text())["swept"] if declared.exists() else [])
+    best = best_job(jobs)
     # Each file appears whole: jobs of a parallel launcher may rewrite the report at the same time.
     with _replaced(sweep_dir / "summary.csv") as tmp:
         tmp.write_text(csv_text(jobs, keys, best))
@@ -187,7 +244,15 @@ def _replaced(path: Path) -> Iterator[Path]:
 
 
 class SweepReport(Callback):
-    """Records a failed job in its metrics.json; rewrites the sweep's report after every job."""
+    """Records the swept keys when a multirun starts (jobs name their TensorBoard runs by them),
+    records a failed job in its metrics.json, rewrites the sweep's report after every job, and
+    makes a sweep with a failed job exit non-zero (Hydra's basic sweeper does so by itself; the
+    Optuna sweeper, told to carry on past failed trials, does not)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps({"swept": sweep_keys(config)}, indent=2) + "\n")
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if job_return.status == JobStatus.FAILED:
@@ -199,8 +264,12 @@ class SweepReport(Callback):
             write_report(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if Path(config.hydra.sweep.dir).is_dir():
-            print(f"Sweep report: {write_report(config.hydra.sweep.dir)}")
+        if not Path(config.hydra.sweep.dir).is_dir():
+            return
+        print(f"Sweep report: {write_report(config.hydra.sweep.dir)}")
+        failed = [job["job"] for job in load_jobs(Path(config.hydra.sweep.dir)) if job.get("status") == "failed"]
+        if failed:
+            sys.exit(f"Error: {len(failed)} job(s) failed ({', '.join(failed)}): see the report above")
 
 
 def main() -> None:

@@ -16,16 +16,29 @@ from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 from torch.utils.tensorboard.summary import hparams
 
 from mnist_lab.errors import InputError
 from mnist_lab.figures import plot_curves
+from mnist_lab.report import run_name
 
 log = logging.getLogger(__name__)
 
-# Shown in TensorBoard's HPARAMS tab; each is a scalar tag the run logged, read at its last value.
-HPARAM_METRICS = ("val/acc_best", "val/acc", "val/loss", "test/acc", "test/loss")
+# The metrics of TensorBoard's HPARAMS tab, in its column order: scalar tags, at their last value.
+HPARAM_METRICS = ("val/acc", "test/acc", "test/loss", "val/acc_best", "val/loss")
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar without `v_num`, which shows the last four characters of the logger's
+    version: a fragment of the run name here ("v_num==0.4"), not a number."""
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
 
 
 class EpochTimer(pl.Callback):
@@ -80,10 +93,15 @@ class CheckOutputDir(HydraCallback):
 
 
 def threads_per_job(hydra_cfg: DictConfig) -> int | None:
-    """CPU threads for each job when a launcher runs jobs side by side (hydra/launcher=joblib), so
-    that they share the cores instead of fighting over them; None when jobs run one at a time."""
+    """CPU threads for each job when a launcher runs jobs side by side, so that they share the
+    cores instead of fighting over them: the cores over hydra.launcher.n_jobs (joblib), or
+    hydra.launcher.cpus_per_task (submitit); None when jobs run one at a time."""
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    if cpus := OmegaConf.select(hydra_cfg, "launcher.cpus_per_task"):
+        return cpus
     n_jobs = OmegaConf.select(hydra_cfg, "launcher.n_jobs")
-    if hydra_cfg.mode != RunMode.MULTIRUN or n_jobs is None:
+    if n_jobs is None:
         return None
     cores = os.cpu_count() or 1
     return max(1, cores // (cores if n_jobs < 0 else min(n_jobs, cores)))
@@ -116,22 +134,37 @@ def check_config(cfg: DictConfig) -> None:
         raise InputError("trainer=gpu, but PyTorch sees no CUDA GPU here: use trainer=cpu, or the default, which picks one")
 
 
-def log_hparams(logger: TensorBoardLogger, params: dict[str, Any]) -> None:
-    """Give TensorBoard's HPARAMS tab this run's hyperparameters and the metric tags to show.
+def log_hparams(logger: TensorBoardLogger, params: dict[str, Any], swept: Sequence[str] = ()) -> None:
+    """Give TensorBoard's HPARAMS tab this run's hyperparameters and the metrics to show.
 
-    Written after testing, so each metric's last logged value is the final one; Lightning's own
-    call at fit start would show a -1 placeholder.
+    Written after testing, so each metric's last logged value is the final one (Lightning's own
+    call at fit start would show a -1 placeholder). The experiment summary, the same for every
+    job of a sweep, lists the swept keys first and marks them as differing, so that they are
+    among the five columns TensorBoard shows by default, then HPARAM_METRICS, val/acc first.
     """
-    writer = logger.experiment
-    for summary in hparams(params, dict.fromkeys(HPARAM_METRICS, 0.0)):
-        writer._get_file_writer().add_summary(summary)
-    writer.flush()
+    experiment, session_start, session_end = hparams(params, dict.fromkeys(HPARAM_METRICS, 0.0))
+    plugin_data = experiment.value[0].metadata.plugin_data
+    content = plugin_data_pb2.HParamsPluginData.FromString(plugin_data.content)
+    infos = sorted(content.experiment.hparam_infos, key=lambda info: info.name not in swept)  # stable
+    for info in infos:
+        info.differs = info.name in swept
+        if info.type == api_pb2.DATA_TYPE_STRING:
+            info.ClearField("domain_discrete")  # this run's value alone; a sweep has several
+    del content.experiment.hparam_infos[:]
+    content.experiment.hparam_infos.extend(infos)
+    plugin_data.content = content.SerializeToString()
+    file_writer = logger.experiment._get_file_writer()
+    for summary in (experiment, session_start, session_end):
+        file_writer.add_summary(summary)
+    file_writer.flush()
 
 
-def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swept: Sequence[str] = ()) -> dict[str, Any]:
     """Train and test one configuration; write out_dir/metrics.json and return the metrics.
 
     `overrides` are the command line's (Hydra's task overrides): their keys join the HPARAMS tab.
+    `swept`, the keys a sweep varies, name the TensorBoard run: the event files go into
+    out_dir/<lr=0.01,batch_size=64>, checkpoints into out_dir/checkpoints either way.
     """
     out_dir = Path(out_dir)
     ensure_writable(out_dir)
@@ -143,9 +176,13 @@ def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = ()) -> 
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, optimizer=cfg.optimizer, scheduler=cfg.scheduler, _recursive_=False, _convert_="all")
-    logger = instantiate(cfg.logger, save_dir=str(out_dir))
+    name = run_name(swept, overrides) if swept else None
+    logger = instantiate(cfg.logger, save_dir=str(out_dir), **({"version": name} if name else {}))
     timer = EpochTimer()
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [timer]
+    for callback in callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+            callback.dirpath = str(out_dir / "checkpoints")  # not under the logger's run name
     trainer: pl.Trainer = instantiate(cfg.trainer, default_root_dir=str(out_dir), logger=logger, callbacks=callbacks)
 
     # Data errors surface in prepare_data/setup, before the first training step.
@@ -166,8 +203,8 @@ def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = ()) -> 
         "best_checkpoint": str(Path(best.best_model_path).relative_to(out_dir)),
     }
     if isinstance(logger, TensorBoardLogger):
-        log_hparams(logger, hparams_of(cfg, overrides))
-        plot_curves(out_dir)
+        log_hparams(logger, hparams_of(cfg, overrides), swept)
+        plot_curves(out_dir, Path(logger.log_dir))
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     logdir = "outputs" if out_dir.resolve().is_relative_to(Path("outputs").resolve()) else out_dir
     log.info(
