@@ -192,7 +192,7 @@ def plot(path: Path, jobs: list[dict[str, Any]], keys: list[str]) -> None:
         ax.set(xlabel="job (trial)", ylabel="val/acc", title="val/acc by job (failed jobs left out)")
         if values:
             ax.set_ylim(max(0.0, _lower_limit(values)), 1.0)
-        ax.legend(loc="lower right")
+        ax.legend(loc="best")
     else:
         labels = [" ".join(f"{k}={_compact(v)}" for k, v in zip(params, values, strict=True)) or "run"
                   for values in groups]
