@@ -8,6 +8,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torchvision.datasets
+from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mnist_lab.errors import InputError
@@ -104,6 +105,7 @@ class MNISTDataModule(pl.LightningDataModule):
         download: bool = True,
         num_workers: int = 0,
         pin_memory: bool = False,
+        augment: dict | None = None,
     ) -> None:
         super().__init__()
         for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("val_size", val_size)):
@@ -116,6 +118,8 @@ class MNISTDataModule(pl.LightningDataModule):
                 "use MNIST, FashionMNIST or KMNIST"
             )
         self.save_hyperparameters()
+        # Plain data in the hyperparameters ({"_target_": ..., "degrees": 15, ...}), built here.
+        self.augment = instantiate(augment) if augment else None
         self.dataset_cls = dataset_cls
         self.raw_dir = Path(data_dir) / dataset / "raw"
 
@@ -201,6 +205,8 @@ class MNISTDataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: list[torch.Tensor], dataloader_idx: int) -> tuple[torch.Tensor, ...]:
         images, labels = batch
-        # uint8 -> float on the training device: (x / 255 - mean) / std in two in-place ops
-        scale = 255 * self.hparams.std
-        return images.float().sub_(255 * self.hparams.mean).div_(scale), labels
+        images = images.float()
+        if self.augment is not None and self.trainer is not None and self.trainer.training:
+            images = self.augment(images)  # training batches only, before normalizing: background 0
+        # (x / 255 - mean) / std on the training device, in two in-place ops
+        return images.sub_(255 * self.hparams.mean).div_(255 * self.hparams.std), labels

@@ -114,6 +114,7 @@ def hparams_of(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]
     params: dict[str, Any] = {
         "model": short(cfg.model._target_), "optimizer": short(cfg.optimizer._target_),
         "scheduler": short(cfg.scheduler._target_), "optimizer.lr": cfg.optimizer.lr,
+        "augment": short(cfg.data.augment._target_) if cfg.data.get("augment") else "none",
         "data.dataset": cfg.data.dataset, "data.batch_size": cfg.data.batch_size, "seed": cfg.seed,
         "trainer.max_epochs": cfg.trainer.max_epochs,
     }
@@ -174,7 +175,7 @@ def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swe
 
     log.info("torch uses %d CPU threads", torch.get_num_threads())
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")  # data.augment stays plain data
     model = instantiate(cfg.model, optimizer=cfg.optimizer, scheduler=cfg.scheduler, _recursive_=False, _convert_="all")
     name = run_name(swept, overrides) if swept else None
     logger = instantiate(cfg.logger, save_dir=str(out_dir), **({"version": name} if name else {}))

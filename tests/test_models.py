@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from mnist_lab.errors import InputError
-from mnist_lab.models import MLP, LeNet, SoftmaxRegression
+from mnist_lab.models import CNN, MLP, LeNet, SoftmaxRegression
 
 # Parameter counts worked out by hand from the layer sizes.
 ARCHITECTURES = [
@@ -12,6 +12,8 @@ ARCHITECTURES = [
     (MLP, {"hidden_sizes": [100]}, (784 * 100 + 100) + (100 * 10 + 10)),
     # conv 6@5x5, conv 16@5x5 on 6 channels, then 400 -> 120 -> 84 -> 10
     (LeNet, {}, (6 * 25 + 6) + (16 * 6 * 25 + 16) + (400 * 120 + 120) + (120 * 84 + 84) + (84 * 10 + 10)),
+    # per block two 3x3 convs without bias, each followed by batch norm (2 parameters a channel)
+    (CNN, {"channels": [8, 16]}, (1 * 8 * 9 + 16) + (8 * 8 * 9 + 16) + (8 * 16 * 9 + 32) + (16 * 16 * 9 + 32) + (16 * 10 + 10)),
 ]
 
 
@@ -63,3 +65,12 @@ def test_hyperparameters_are_plain_data():
         "hidden_sizes": [64, 32], "activation": "ReLU", "dropout": 0.2, "num_classes": 10,
         "optimizer": {"_target_": "torch.optim.Adam", "lr": 0.01}, "scheduler": None,
     }
+
+
+def test_cnn_blocks_pool_between_them_and_normalize_every_conv():
+    model = CNN(channels=[16, 32, 64], dropout=0.2)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 16), (16, 16), (16, 32), (32, 32), (32, 64), (64, 64)]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 6
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 2  # 28 -> 14 -> 7
+    assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] == [0.2]

@@ -103,6 +103,10 @@ class ImageClassifier(pl.LightningModule):
         acc.reset()
         return metrics
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The checkpoint alone then says which class to rebuild (python -m mnist_lab.evaluate --ckpt).
+        checkpoint["mnist_lab"] = {"model_class": f"{type(self).__module__}.{type(self).__qualname__}"}
+
     def configure_optimizers(self) -> dict[str, Any]:
         if self.hparams.optimizer is None:
             raise InputError(f"{type(self).__name__} was built without an optimizer: pass optimizer={{'_target_': ...}}")

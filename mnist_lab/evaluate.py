@@ -1,0 +1,193 @@
+"""Evaluate a checkpoint on the official test set, and how it copes with distorted digits.
+
+    python -m mnist_lab.evaluate --ckpt PATH [--robustness] [--dataset fashion_mnist] [--data-dir DIR]
+
+writes evaluation.json, confusion_matrix.png, misclassified.png (and robustness.png) into a new
+folder under outputs/evaluations/ (or --out), logs them to TensorBoard there, and prints it.
+"""
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_confusion_matrix
+
+from mnist_lab.augment import affine
+from mnist_lab.checkpoint import load_checkpoint
+from mnist_lab.data import MNISTDataModule
+from mnist_lab.errors import InputError
+from mnist_lab.figures import confusion_figure, digit_grid
+from mnist_lab.train import ensure_writable
+
+ROOT = Path(__file__).resolve().parent.parent
+NOISE_STD = 0.3  # Gaussian noise, in units of the pixel range [0, 1]
+
+
+def _noise(images: torch.Tensor) -> torch.Tensor:
+    generator = torch.Generator(images.device).manual_seed(0)  # the same noise for every model
+    noise = torch.randn(images.shape, generator=generator, device=images.device) * (255 * NOISE_STD)
+    return (images + noise).clamp_(0, 255)
+
+
+# Distortions of raw test images (floats, 0 = black background, 255 = white ink).
+DISTORTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "clean": lambda x: x,
+    "transpose": lambda x: x.transpose(-1, -2),  # the notebook's closing example
+    "rotate 15": partial(affine, angle=15.0),
+    "rotate 30": partial(affine, angle=30.0),
+    "rotate 45": partial(affine, angle=45.0),
+    "shift 2": partial(affine, translate=(2.0, 2.0)),  # right and down
+    "shift 4": partial(affine, translate=(4.0, 4.0)),
+    "scale 0.8": partial(affine, scale=0.8),
+    "scale 1.2": partial(affine, scale=1.2),
+    f"noise {NOISE_STD}": _noise,
+    "invert": lambda x: 255 - x,
+}
+
+
+@torch.inference_mode()
+def logits_of(model: torch.nn.Module, images: torch.Tensor, mean: float, std: float, batch_size: int = 1000) -> torch.Tensor:
+    """(N, C) logits of raw (N, 1, 28, 28) images (0-255), normalized as in training."""
+    device = next(model.parameters()).device
+    # not in place: `images` may be float already, and the caller's
+    out = [model((batch.to(device, torch.float32) - 255 * mean) / (255 * std)) for batch in images.split(batch_size)]
+    return torch.cat(out)
+
+
+def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: float, std: float,
+             batch_size: int = 1000) -> tuple[dict[str, Any], torch.Tensor]:
+    """Accuracy, loss, per-class accuracy and the confusion matrix; and the logits."""
+    logits = logits_of(model, images, mean, std, batch_size)
+    labels = labels.to(logits.device)
+    classes = logits.shape[1]
+    metrics = {
+        "test/acc": multiclass_accuracy(logits, labels, classes, average="micro").item(),
+        "test/loss": F.cross_entropy(logits, labels).item(),
+        "per_class_acc": {str(c): a for c, a in enumerate(multiclass_accuracy(logits, labels, classes, average=None).tolist())},
+        "confusion_matrix": multiclass_confusion_matrix(logits, labels, classes).tolist(),
+    }
+    return metrics, logits
+
+
+def robustness(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: float, std: float,
+               batch_size: int = 1000) -> dict[str, float]:
+    """Test accuracy under each of DISTORTIONS."""
+    device = next(model.parameters()).device
+    raw = images.to(device).float()
+    labels = labels.to(device)
+    return {name: multiclass_accuracy(logits_of(model, distort(raw), mean, std, batch_size), labels,
+                                      model.hparams.num_classes, average="micro").item()
+            for name, distort in DISTORTIONS.items()}
+
+
+def misclassified_figure(images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, count: int = 32) -> Figure:
+    """The most confidently wrong digits, most confident first."""
+    confidence, predicted = logits.softmax(1).max(1)
+    wrong = (predicted != labels.to(predicted.device)).nonzero().flatten()
+    top = wrong[confidence[wrong].argsort(descending=True)][:count].cpu()
+    titles = [f"{p} ({c:.0%}), true {t}" for p, c, t in
+              zip(predicted.cpu()[top].tolist(), confidence.cpu()[top].tolist(), labels[top].tolist())]
+    return digit_grid(images[top], titles)
+
+
+def robustness_figure(accuracy: dict[str, float]) -> Figure:
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    names = list(accuracy)
+    bars = ax.barh(names[::-1], [accuracy[n] for n in names][::-1], color="tab:blue")
+    ax.bar_label(bars, labels=[f"{accuracy[n]:.2%}" for n in names][::-1], padding=3, fontsize=8)
+    ax.set(xlim=(0, 1.1), xlabel="test accuracy", title="test accuracy under distortions")
+    return fig
+
+
+def dataset_of(name: str | None, data_hparams: dict[str, Any]) -> str:
+    """A data config name (mnist, fashion_mnist: conf/data/*.yaml) as its torchvision class name;
+    none: the dataset the checkpoint was trained on."""
+    if name is None:
+        return data_hparams.get("dataset", "MNIST")
+    config = ROOT / "conf" / "data" / f"{name}.yaml"
+    if not config.is_file():
+        options = sorted(p.stem for p in config.parent.glob("*.yaml"))
+        raise InputError(f"unknown dataset {name!r}: use one of {', '.join(options)}")
+    return OmegaConf.load(config).dataset
+
+
+def default_out_dir(model_name: str) -> Path:
+    return Path("outputs/evaluations") / datetime.now().strftime(f"%Y-%m-%d/%H-%M-%S.%f_{model_name.lower()}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Evaluate a checkpoint on the official test set.")
+    parser.add_argument("--ckpt", required=True, type=Path, help="a .ckpt file that train.py wrote")
+    parser.add_argument("--dataset", help="mnist or fashion_mnist (default: the checkpoint's own)")
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("MNIST_LAB_DATA", "data")),
+                        help="folder holding <Dataset>/raw/*-ubyte (default: $MNIST_LAB_DATA or ./data)")
+    parser.add_argument("--robustness", action="store_true", help="also test on transposed, rotated, shifted, "
+                        "scaled, noisy and inverted digits")
+    parser.add_argument("--out", type=Path, help="output folder (default: a new one under outputs/evaluations)")
+    parser.add_argument("--batch-size", type=int, default=1000)
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except InputError as e:
+        sys.exit(f"Error: {e}")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, data_hparams = load_checkpoint(args.ckpt, device)
+    out_dir = args.out or default_out_dir(type(model).__name__)
+    ensure_writable(out_dir)  # before any work
+    dataset = dataset_of(args.dataset, data_hparams)
+    datamodule = MNISTDataModule(data_dir=str(args.data_dir), dataset=dataset, download=data_hparams.get("download", True))
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    images, labels = datamodule.test_set.images, datamodule.test_set.labels
+    # The model expects its training normalization, whatever the data.
+    mean, std = data_hparams.get("mean", datamodule.hparams.mean), data_hparams.get("std", datamodule.hparams.std)
+
+    metrics, logits = evaluate(model, images, labels, mean, std, args.batch_size)
+    result = {"checkpoint": str(args.ckpt), "model": type(model).__name__, "dataset": dataset, **metrics}
+    figures = {"confusion_matrix": confusion_figure(torch.tensor(metrics["confusion_matrix"])),
+               "misclassified": misclassified_figure(images, labels, logits)}
+    if args.robustness:
+        result["robustness"] = robustness(model, images, labels, mean, std, args.batch_size)
+        figures["robustness"] = robustness_figure(result["robustness"])
+
+    (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+    with SummaryWriter(str(out_dir)) as writer:
+        writer.add_scalar("evaluate/acc", result["test/acc"])
+        writer.add_scalar("evaluate/loss", result["test/loss"])
+        for name, figure in figures.items():
+            figure.savefig(out_dir / f"{name}.png", dpi=100)
+            writer.add_figure(f"evaluate/{name}", figure)
+        for name, accuracy in result.get("robustness", {}).items():
+            writer.add_scalar(f"robustness/{name.replace(' ', '_')}", accuracy)
+    print(report(result, out_dir))
+    return result
+
+
+def report(result: dict[str, Any], out_dir: Path) -> str:
+    lines = [f"{result['model']} on the {result['dataset']} test set ({len(result['confusion_matrix'])} classes)",
+             f"test/acc  {result['test/acc']:.4f}", f"test/loss {result['test/loss']:.4f}",
+             "per class: " + "  ".join(f"{c}: {a:.4f}" for c, a in result["per_class_acc"].items())]
+    if "robustness" in result:
+        lines += ["", f"{'distortion':<12} test accuracy"]
+        lines += [f"{name:<12} {accuracy:.4f}" for name, accuracy in result["robustness"].items()]
+    lines += ["", f"Evaluation folder: {out_dir.resolve()}"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
