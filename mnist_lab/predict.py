@@ -1,0 +1,141 @@
+"""Classify image files with a trained checkpoint (or its ONNX export).
+
+    python -m mnist_lab.predict --ckpt PATH IMAGE [IMAGE ...] [--json]
+
+Any size, colour mode and format Pillow reads. Each image is made into an MNIST digit the way
+MNIST itself was made: grayscale, light ink on a dark background, cropped to the digit, scaled
+to fit 20 x 20 keeping its aspect ratio, then placed in 28 x 28 with its centre of mass at the
+centre.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from mnist_lab.errors import InputError
+
+FIELD, BOX = 28, 20  # MNIST: digits fit a 20 x 20 box inside a 28 x 28 image
+INK_THRESHOLD = 0.2  # of the brightest ink: what counts as digit when cropping
+MIN_CONTRAST = 0.1  # brightest ink minus background, in [0, 1]; below it, an image is blank
+
+
+def grayscale(image: Image.Image) -> np.ndarray:
+    """(H, W) float32 in [0, 1], whatever the mode: 1-bit, 8/16/32-bit gray, palette, RGB(A)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float32)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        return np.clip(array / top, 0, 1)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255
+        alpha = rgba[..., 3]
+        if alpha.min() < 1:  # drawn on a transparent sheet: the opaque part is the ink
+            return alpha
+    return np.asarray(image.convert("L"), dtype=np.float32) / 255
+
+
+def to_mnist(image: Image.Image) -> torch.Tensor:
+    """(1, 28, 28) float tensor, 0 = background, 255 = ink, as MNIST's pixels."""
+    gray = grayscale(image)
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    background = float(np.median(border))
+    ink = gray - background if background < 0.5 else background - gray  # dark on light: inverted
+    ink = np.clip(ink, 0, None)
+    if ink.max() < MIN_CONTRAST:
+        raise InputError("no digit found: the image is blank (one shade throughout)")
+    ink /= ink.max()
+    rows, cols = np.nonzero(ink > INK_THRESHOLD)
+    ink = ink[rows.min(): rows.max() + 1, cols.min(): cols.max() + 1]  # crop to the digit
+    height, width = ink.shape
+    factor = BOX / max(height, width)
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    digit = np.asarray(Image.fromarray(ink).resize(size, Image.Resampling.LANCZOS), dtype=np.float32).clip(0, 1)
+    # Place the box so that its centre of mass lands on the field's centre, inside the field.
+    total = digit.sum()
+    com_y = (digit.sum(1) * np.arange(digit.shape[0])).sum() / total
+    com_x = (digit.sum(0) * np.arange(digit.shape[1])).sum() / total
+    top = int(np.clip(round((FIELD - 1) / 2 - com_y), 0, FIELD - digit.shape[0]))
+    left = int(np.clip(round((FIELD - 1) / 2 - com_x), 0, FIELD - digit.shape[1]))
+    field = np.zeros((FIELD, FIELD), dtype=np.float32)
+    field[top: top + digit.shape[0], left: left + digit.shape[1]] = digit
+    return torch.from_numpy(field * 255).unsqueeze(0)
+
+
+def load_image(path: Path) -> torch.Tensor:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_mnist(image)
+    except FileNotFoundError:
+        raise InputError("no such file") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:  # Pillow's ways of failing
+        raise InputError(f"cannot read it as an image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+class Classifier:
+    """Class probabilities of MNIST-shaped images from a checkpoint or an ONNX file."""
+
+    def __init__(self, path: Path) -> None:
+        if path.suffix == ".onnx":
+            from mnist_lab.export import OnnxClassifier
+
+            self.model = OnnxClassifier(path)
+            self.mean, self.std = self.model.mean, self.model.std
+        else:
+            from mnist_lab.checkpoint import load_checkpoint
+
+            self.model, data = load_checkpoint(path)
+            self.mean, self.std = data.get("mean", 0.1307), data.get("std", 0.3081)
+
+    @torch.inference_mode()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 1, 28, 28) raw images (0-255) -> (N, C) probabilities."""
+        return self.model((images - 255 * self.mean) / (255 * self.std)).softmax(1)
+
+
+def predict(classifier: Classifier, paths: list[Path]) -> list[dict[str, Any]]:
+    """One result per path, in order: the digit and probabilities, or the error."""
+    results, images, readable = [], [], []
+    for path in paths:
+        try:
+            images.append(load_image(path))
+            readable.append(len(results))
+            results.append({"path": str(path)})
+        except InputError as e:
+            results.append({"path": str(path), "error": str(e)})
+    if images:
+        for index, probs in zip(readable, classifier.probabilities(torch.stack(images)), strict=True):
+            digit, rounded = int(probs.argmax()), [round(float(p), 6) for p in probs]
+            results[index].update(digit=digit, probability=rounded[digit], probabilities=rounded)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Classify image files with a trained checkpoint or ONNX file.")
+    parser.add_argument("--ckpt", required=True, type=Path, help="a .ckpt file train.py wrote, or an .onnx export")
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    parser.add_argument("--json", action="store_true", help='print a JSON list of {"path", "digit", "probability", "probabilities"}')
+    args = parser.parse_args(argv)
+    try:
+        results = predict(Classifier(args.ckpt), args.images)
+    except InputError as e:
+        sys.exit(f"Error: {e}")
+    for result in results:
+        if "error" in result:
+            print(f"Error: {result['path']}: {result['error']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for result in results:
+            if "error" not in result:
+                print(f"{result['path']}: {result['digit']} ({result['probability']:.1%})")
+    sys.exit(1 if any("error" in result for result in results) else 0)
+
+
+if __name__ == "__main__":
+    main()
