@@ -104,3 +104,26 @@ def test_cli_errors_are_one_line(tmp_path):
     result = evaluate_cli("--ckpt", str(tmp_path / "missing.ckpt"))
     assert result.returncode == 1 and result.stderr.startswith("Error: no checkpoint file at")
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def small_checkpoint(tmp_path):
+    import pytorch_lightning as pl
+
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(LeNet())
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "cifar"], "unknown dataset 'cifar': use one of fashion_mnist, mnist"),
+    (["--out", "/proc/evaluation"], "cannot write to the output folder /proc/evaluation"),
+])
+def test_bad_arguments_stop_with_one_line(args, message, small_checkpoint, tmp_path, capsys):
+    from mnist_lab.evaluate import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--ckpt", str(small_checkpoint), *args])
+    assert str(stop.value).startswith("Error: ") and message in str(stop.value)
