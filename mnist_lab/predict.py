@@ -29,7 +29,10 @@ def grayscale(image: Image.Image) -> np.ndarray:
     """(H, W) float32 in [0, 1], whatever the mode: 1-bit, 8/16/32-bit gray, palette, RGB(A)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float32)
-        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        # 16-bit, or 32-bit holding 8- or 16-bit values; float images may already lie in [0, 1]
+        top = next(t for t in (1.0, 255.0, 65535.0, float(array.max())) if array.max() <= t)
+        if image.mode.startswith("I;16"):
+            top = 65535.0
         return np.clip(array / top, 0, 1)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255

@@ -104,6 +104,8 @@ def test_preprocessing_makes_an_mnist_digit():
     lambda: Image.fromarray(digit()).convert("RGBA"),
     lambda: Image.fromarray(255 - digit()),  # inverted
     lambda: Image.fromarray(digit().astype(np.uint16) * 257),  # 16-bit
+    lambda: Image.fromarray(digit().astype(np.float32) / 255),  # 32-bit float in [0, 1]
+    lambda: Image.fromarray(digit().astype(np.int32) * 257),  # 32-bit integer holding 16-bit values
     lambda: Image.fromarray(digit()).convert("1"),
     lambda: Image.fromarray(digit()).convert("P"),
     lambda: Image.fromarray(digit()).resize((4000, 4000)),  # huge
