@@ -211,7 +211,7 @@ def main() -> None:
                  "data.download=false", "+callbacks.side_by_side._target_=__main__.current_side", *args.overrides]
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides)
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")  # data.augment stays plain data
     datamodule.setup("fit")
     datamodule.setup("test")
     side = SIDE = SideBySide(PlainLoop(cfg, datamodule, args.epochs), args.window)

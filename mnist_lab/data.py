@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 import torchvision.datasets
 from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mnist_lab.errors import InputError
@@ -117,6 +118,11 @@ class MNISTDataModule(pl.LightningDataModule):
                 f"data.dataset={dataset!r} is not an MNIST-format dataset of torchvision.datasets: "
                 "use MNIST, FashionMNIST or KMNIST"
             )
+        if isinstance(augment, DictConfig):
+            augment = OmegaConf.to_container(augment, resolve=True)
+        if augment is not None and not isinstance(augment, dict):
+            raise InputError(f"data.augment must be a config dict ({{'_target_': ...}}), got {type(augment).__name__}: "
+                             "build the data module with hydra.utils.instantiate(cfg.data, _recursive_=False)")
         self.save_hyperparameters()
         # Plain data in the hyperparameters ({"_target_": ..., "degrees": 15, ...}), built here.
         self.augment = instantiate(augment) if augment else None

@@ -5,7 +5,7 @@ from omegaconf import OmegaConf
 
 from tests.conftest import ROOT, run_train
 
-GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks", "experiment", "sweep"]
+GROUPS = ["data", "augment", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks", "experiment", "sweep"]
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((ROOT / "conf" / group).glob("*.yaml"))]
 
 
@@ -17,7 +17,7 @@ def test_every_group_has_options():
 def test_every_option_composes_and_builds(group, option, make_cfg, synthetic_dir, tmp_path):
     cfg = make_cfg(f"{group}={option}", f"data.data_dir={synthetic_dir}")
     OmegaConf.resolve(cfg)  # every interpolation resolves
-    instantiate(cfg.data)
+    instantiate(cfg.data, _recursive_=False, _convert_="all")  # as mnist_lab.train.run does
     model = instantiate(cfg.model, optimizer=cfg.optimizer, scheduler=cfg.scheduler, _recursive_=False, _convert_="all")
     assert isinstance(model.hparams.optimizer, dict) and isinstance(model.hparams.scheduler, dict)
     instantiate(cfg.logger, save_dir=str(tmp_path))
@@ -57,7 +57,7 @@ def test_data_dir_defaults_to_the_environment_variable(make_cfg, monkeypatch):
 def test_help_lists_the_groups():
     result = run_train("--help")
     assert result.returncode == 0
-    for line in ["model: lenet, mlp, softmax", "optimizer: adadelta, adam, adamw, rmsprop, sgd",
+    for line in ["model: cnn, lenet, mlp, softmax", "augment: affine, none", "optimizer: adadelta, adam, adamw, rmsprop, sgd",
                  "scheduler: cosine, none, onecycle, step", "trainer: cpu, default, gpu", "data: fashion_mnist, mnist"]:
         assert line in result.stdout
 
