@@ -1,5 +1,6 @@
 """MNIST-family data: IDX file checks, a seeded validation hold-out and in-memory batches."""
 
+import hashlib
 import math
 import struct
 from collections.abc import Iterator
@@ -14,6 +15,25 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mnist_lab.errors import InputError
 
+# MD5 of the uncompressed IDX files of the official releases: torchvision checks only the
+# downloaded archives, not files already on disk. The same values are in other projects that
+# verify these files, and the copies here match them.
+CHECKSUMS = {
+    "MNIST": {
+        "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+        "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+        "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+    },
+    "FashionMNIST": {
+        "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+        "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+        "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+        "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+    },
+}
+_verified: set[tuple[str, int, int]] = set()  # (path, size, mtime) hashed once per process
+
 IMAGE_MAGIC = 0x0803  # IDX: unsigned bytes, 3 dimensions (N, 28, 28)
 LABEL_MAGIC = 0x0801  # IDX: unsigned bytes, 1 dimension (N,)
 
@@ -23,6 +43,23 @@ def _fix(folder: Path) -> str:
         f"download it again (delete {folder} and run with data.download=true), or point "
         "data.data_dir= or the MNIST_LAB_DATA environment variable at a folder holding a good copy"
     )
+
+
+def verify_checksum(path: Path, dataset: str, expected: str) -> None:
+    """Refuse a file whose MD5 is not the official one (0.1 s for the 47 MB training images)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _verified:
+        return
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "md5").hexdigest()
+    if digest != expected:
+        raise InputError(
+            f"{path} is not the official {dataset} file (MD5 {digest}, expected {expected}): it is damaged "
+            "or another data set. Delete it to have it downloaded again, or, for IDX data of your own, "
+            "pass data.verify_checksums=false"
+        )
+    _verified.add(key)
 
 
 def check_idx(path: Path, magic: int) -> int:
@@ -107,6 +144,7 @@ class MNISTDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         augment: dict | None = None,
+        verify_checksums: bool = True,
     ) -> None:
         super().__init__()
         for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("val_size", val_size)):
@@ -158,6 +196,9 @@ class MNISTDataModule(pl.LightningDataModule):
             )
         image_file, label_file = self._files(split)
         n_images, n_labels = check_idx(image_file, IMAGE_MAGIC), check_idx(label_file, LABEL_MAGIC)
+        if self.hparams.verify_checksums and (official := CHECKSUMS.get(self.hparams.dataset)):
+            for path in (image_file, label_file):
+                verify_checksum(path, self.hparams.dataset, official[path.name])
         if n_images != n_labels:
             raise InputError(
                 f"{image_file} holds {n_images} images but {label_file} {n_labels} labels: {_fix(self.raw_dir)}"

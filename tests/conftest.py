@@ -70,7 +70,8 @@ def make_cfg():
 def smoke_overrides(data_dir: Path, *extra: str) -> list[str]:
     """A couple of batches per epoch on synthetic data: seconds, with checkpoints and logs."""
     return [
-        f"data.data_dir={data_dir}", "data.download=false", "data.val_size=100", "data.batch_size=32",
+        f"data.data_dir={data_dir}", "data.download=false", "data.verify_checksums=false", "data.val_size=100",
+        "data.batch_size=32",
         "data.eval_batch_size=50", "trainer=cpu", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
         "+trainer.limit_train_batches=3", "+trainer.enable_progress_bar=false", "callbacks.progress_bar=null",
         *extra,

@@ -1,4 +1,5 @@
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ from tests.conftest import N_TEST, N_TRAIN
 
 
 def datamodule(data_dir, **kwargs) -> MNISTDataModule:
-    dm = MNISTDataModule(data_dir=str(data_dir), download=False, val_size=100, batch_size=32, **kwargs)
+    dm = MNISTDataModule(data_dir=str(data_dir), download=False, val_size=100, batch_size=32, verify_checksums=False,
+                         **kwargs)
     dm.prepare_data()
     dm.setup("fit")
     dm.setup("test")
@@ -70,7 +72,8 @@ def test_normalization_on_transfer(synthetic_dir):
 def test_fashion_mnist_reads_its_own_folder_and_statistics(synthetic_dir, make_cfg):
     from hydra.utils import instantiate
 
-    cfg = make_cfg("data=fashion_mnist", f"data.data_dir={synthetic_dir}", "data.download=false", "data.val_size=100")
+    cfg = make_cfg("data=fashion_mnist", f"data.data_dir={synthetic_dir}", "data.download=false", "data.val_size=100",
+                   "data.verify_checksums=false")
     dm = instantiate(cfg.data)
     dm.setup("fit")
     assert dm.raw_dir == synthetic_dir / "FashionMNIST" / "raw"
@@ -110,7 +113,7 @@ def test_missing_files_are_downloaded_through_torchvision(tmp_path, monkeypatch)
         make_dataset(tmp_path)
 
     monkeypatch.setattr(torchvision.datasets.MNIST, "download", download)
-    dm = MNISTDataModule(data_dir=str(tmp_path), download=True, val_size=100)
+    dm = MNISTDataModule(data_dir=str(tmp_path), download=True, val_size=100, verify_checksums=False)
     dm.prepare_data()
     dm.setup("fit")
     assert calls and calls[0] == str(tmp_path / "MNIST" / "raw")
@@ -164,7 +167,7 @@ def test_sizes_must_be_positive(key, value):
 
 def test_val_size_must_leave_training_images(synthetic_dir):
     with pytest.raises(InputError, match=f"data.val_size={N_TRAIN} leaves no training images"):
-        MNISTDataModule(data_dir=str(synthetic_dir), download=False, val_size=N_TRAIN).setup("fit")
+        MNISTDataModule(data_dir=str(synthetic_dir), download=False, val_size=N_TRAIN, verify_checksums=False).setup("fit")
 
 
 def test_unknown_dataset_is_refused():
@@ -183,3 +186,38 @@ def test_real_data_has_the_official_sizes_and_configured_statistics(data, real_d
     x, _ = dm.on_after_batch_transfer([dm.train_set.images, dm.train_set.labels], 0)
     # Normalized with the config's mean and std, the training images have about mean 0 and std 1.
     assert abs(x.mean().item()) < 0.01 and abs(x.std().item() - 1) < 0.01
+
+
+@pytest.fixture
+def real_copy(real_data_dir, tmp_path) -> Path:
+    """The real MNIST in a folder of one's own: links to the image files, copies of the labels."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for source in (real_data_dir / "MNIST" / "raw").iterdir():
+        if "labels" in source.name:
+            (raw / source.name).write_bytes(source.read_bytes())
+        else:
+            (raw / source.name).symlink_to(source)
+    return tmp_path
+
+
+@pytest.mark.parametrize("dataset", ["MNIST", "FashionMNIST"])
+def test_official_files_pass_their_checksums(dataset, real_data_dir):
+    dm = MNISTDataModule(data_dir=str(real_data_dir), dataset=dataset, download=False)
+    dm.setup("fit")
+    dm.setup("test")
+    assert len(dm.train_set) + len(dm.val_set) == 60_000 and len(dm.test_set) == 10_000
+
+
+def test_a_changed_file_fails_its_checksum_and_the_override_accepts_it(real_copy):
+    labels = real_copy / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    data = bytearray(labels.read_bytes())
+    data[-1] = (data[-1] + 1) % 10  # one label changed: still a valid IDX file
+    labels.write_bytes(bytes(data))
+    dm = MNISTDataModule(data_dir=str(real_copy), download=False)
+    with pytest.raises(InputError, match=rf"{labels} is not the official MNIST file \(MD5 \w+, expected "
+                                         r"27ae3e4e09519cfbb04c329615203637\).*data.verify_checksums=false"):
+        dm.setup("test")
+    own = MNISTDataModule(data_dir=str(real_copy), download=False, verify_checksums=False)
+    own.setup("test")
+    assert own.test_set.labels[-1] == data[-1]
