@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="output folder (default: a new one under outputs/evaluations)")
     parser.add_argument("--batch-size", type=int, default=1000)
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     try:
         run(args)
     except InputError as e:
@@ -150,7 +152,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = args.out or default_out_dir(type(model).__name__)
     ensure_writable(out_dir)  # before any work
     dataset = dataset_of(args.dataset, data_hparams)
-    datamodule = MNISTDataModule(data_dir=str(args.data_dir), dataset=dataset, download=data_hparams.get("download", True))
+    datamodule = MNISTDataModule(data_dir=str(args.data_dir), dataset=dataset, download=data_hparams.get("download", True),
+                                verify_checksums=data_hparams.get("verify_checksums", True))
     datamodule.prepare_data()
     datamodule.setup("test")
     images, labels = datamodule.test_set.images, datamodule.test_set.labels
