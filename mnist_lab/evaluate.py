@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ensure_writable(out_dir)  # before any work
     dataset = dataset_of(args.dataset, data_hparams)
     datamodule = MNISTDataModule(data_dir=str(args.data_dir), dataset=dataset, download=data_hparams.get("download", True),
-                                verify_checksums=data_hparams.get("verify_checksums", True))
+                                 verify_checksums=data_hparams.get("verify_checksums", True))
     datamodule.prepare_data()
     datamodule.setup("test")
     images, labels = datamodule.test_set.images, datamodule.test_set.labels

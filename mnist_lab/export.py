@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> float:
         raise InputError(f"no folder {args.out.parent} to write {args.out.name} into: create it or pass another --out")
     dataset = data.get("dataset", "MNIST")
     datamodule = MNISTDataModule(data_dir=str(args.data_dir), dataset=dataset, download=data.get("download", True),
-                                verify_checksums=data.get("verify_checksums", True))
+                                 verify_checksums=data.get("verify_checksums", True))
     datamodule.prepare_data()
     datamodule.setup("test")  # before exporting: a missing data set fails fast
     mean, std = data.get("mean", datamodule.hparams.mean), data.get("std", datamodule.hparams.std)
