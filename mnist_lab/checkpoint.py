@@ -26,13 +26,18 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     if not isinstance(checkpoint, dict) or not {"state_dict", "hyper_parameters"} <= checkpoint.keys():
         raise InputError(f"{path} is a torch file but not a Lightning checkpoint of mnist_lab: {HINT}")
     cls = _model_class(path, checkpoint)
-    model = cls(**checkpoint["hyper_parameters"])
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.to(device).eval(), dict(checkpoint.get("datamodule_hyper_parameters", {}))
+    try:
+        model = cls(**checkpoint["hyper_parameters"])
+        model.load_state_dict(checkpoint["state_dict"])
+    except (TypeError, RuntimeError, InputError) as e:  # arguments or weights that do not fit the class
+        raise InputError(f"{path} does not fit {cls.__name__} ({str(e).splitlines()[0][:200]}): {HINT}") from None
+    data = checkpoint.get("datamodule_hyper_parameters")
+    return model.to(device).eval(), dict(data) if isinstance(data, dict) else {}
 
 
 def _model_class(path: Path, checkpoint: dict[str, Any]) -> type[ImageClassifier]:
-    target = checkpoint.get("mnist_lab", {}).get("model_class")
+    ours = checkpoint.get("mnist_lab")
+    target = ours.get("model_class") if isinstance(ours, dict) else None
     run_config = path.parent.parent / ".hydra" / "config.yaml"
     if target is None and run_config.is_file():  # written before checkpoints named their class
         target = (yaml.safe_load(run_config.read_text()).get("model") or {}).get("_target_")

@@ -98,6 +98,13 @@ def test_a_torch_file_that_is_not_ours_is_refused(tmp_path):
     torch.save({"state_dict": {}, "hyper_parameters": {}, "mnist_lab": {"model_class": "os.system"}}, path)
     with pytest.raises(InputError, match="does not say which mnist_lab model"):
         load_checkpoint(path)
+    lenet = "mnist_lab.models.lenet.LeNet"
+    torch.save({"state_dict": {}, "hyper_parameters": {"width": 3}, "mnist_lab": {"model_class": lenet}}, path)
+    with pytest.raises(InputError, match="does not fit LeNet"):
+        load_checkpoint(path)
+    torch.save({"state_dict": {"net.0.weight": torch.zeros(1)}, "hyper_parameters": {}, "mnist_lab": {"model_class": lenet}}, path)
+    with pytest.raises(InputError, match="does not fit LeNet"):
+        load_checkpoint(path)
 
 
 def test_cli_errors_are_one_line(tmp_path):
