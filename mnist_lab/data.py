@@ -45,6 +45,11 @@ def _fix(folder: Path) -> str:
     )
 
 
+def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """Raw 0-255 images as the models see them: (x / 255 - mean) / std, as a new float tensor."""
+    return (images.float() - 255 * mean) / (255 * std)
+
+
 def verify_checksum(path: Path, dataset: str, expected: str) -> None:
     """Refuse a file whose MD5 is not the official one (0.1 s for the 47 MB training images)."""
     stat = path.stat()

@@ -25,9 +25,9 @@ from torchmetrics.functional.classification import multiclass_accuracy, multicla
 
 from mnist_lab.augment import affine
 from mnist_lab.checkpoint import load_checkpoint
-from mnist_lab.data import MNISTDataModule
+from mnist_lab.data import MNISTDataModule, normalize
 from mnist_lab.errors import InputError
-from mnist_lab.figures import confusion_figure, digit_grid
+from mnist_lab.figures import confusion_figure, mistakes_figure
 from mnist_lab.train import ensure_writable
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,8 +60,7 @@ DISTORTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 def logits_of(model: torch.nn.Module, images: torch.Tensor, mean: float, std: float, batch_size: int = 1000) -> torch.Tensor:
     """(N, C) logits of raw (N, 1, 28, 28) images (0-255), normalized as in training."""
     device = next(model.parameters()).device
-    # not in place: `images` may be float already, and the caller's
-    out = [model((batch.to(device, torch.float32) - 255 * mean) / (255 * std)) for batch in images.split(batch_size)]
+    out = [model(normalize(batch.to(device), mean, std)) for batch in images.split(batch_size)]
     return torch.cat(out)
 
 
@@ -96,9 +95,7 @@ def misclassified_figure(images: torch.Tensor, labels: torch.Tensor, logits: tor
     confidence, predicted = logits.softmax(1).max(1)
     wrong = (predicted != labels.to(predicted.device)).nonzero().flatten()
     top = wrong[confidence[wrong].argsort(descending=True)][:count].cpu()
-    titles = [f"{p} ({c:.0%}), true {t}" for p, c, t in
-              zip(predicted.cpu()[top].tolist(), confidence.cpu()[top].tolist(), labels[top].tolist())]
-    return digit_grid(images[top], titles)
+    return mistakes_figure(images[top], predicted.cpu()[top], labels[top], confidence.cpu()[top])
 
 
 def robustness_figure(accuracy: dict[str, float]) -> Figure:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from mnist_lab.checkpoint import load_checkpoint
-from mnist_lab.data import MNISTDataModule
+from mnist_lab.data import MNISTDataModule, normalize
 from mnist_lab.errors import InputError
 
 TOLERANCE = 1e-4  # largest absolute logit difference between ONNX Runtime and PyTorch accepted
@@ -70,7 +70,7 @@ class OnnxClassifier:
 
 def parity(model: torch.nn.Module, onnx_model: OnnxClassifier, images: torch.Tensor) -> float:
     """Largest absolute difference between PyTorch's and ONNX Runtime's logits for `images`."""
-    x = (images.float() - 255 * onnx_model.mean) / (255 * onnx_model.std)
+    x = normalize(images, onnx_model.mean, onnx_model.std)
     with torch.inference_mode():
         expected = model.cpu()(x)
     return (onnx_model(x) - expected).abs().max().item()

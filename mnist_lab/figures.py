@@ -25,6 +25,12 @@ def digit_grid(images: torch.Tensor, titles: list[str], columns: int = 8) -> Fig
     return fig
 
 
+def mistakes_figure(images: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor, confidence: torch.Tensor) -> Figure:
+    """Misclassified digits titled "predicted (confidence), true label"."""
+    titles = [f"{p} ({c:.0%}), true {t}" for p, t, c in zip(predicted.tolist(), labels.tolist(), confidence.tolist())]
+    return digit_grid(images, titles)
+
+
 def confusion_figure(matrix: torch.Tensor) -> Figure:
     fig = Figure(figsize=(6, 5))
     ax = fig.subplots()
@@ -70,9 +76,7 @@ class TestFigures(pl.Callback):
         writer, step = trainer.logger.experiment, trainer.global_step
         images, predicted, labels = self.first
         writer.add_figure("test/samples", digit_grid(images, [f"{p} (true {t})" for p, t in zip(predicted.tolist(), labels.tolist())]), step)
-        images, predicted, labels, confidence = self.wrong[0]
-        titles = [f"{p} ({c:.0%}), true {t}" for p, t, c in zip(predicted.tolist(), labels.tolist(), confidence.tolist())]
-        writer.add_figure("test/misclassified", digit_grid(images, titles), step)
+        writer.add_figure("test/misclassified", mistakes_figure(*self.wrong[0]), step)
         writer.add_figure("test/confusion_matrix", confusion_figure(self.confusion.compute()), step)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from mnist_lab.data import normalize
 from mnist_lab.errors import InputError
 
 FIELD, BOX = 28, 20  # MNIST: digits fit a 20 x 20 box inside a 28 x 28 image
@@ -98,7 +99,7 @@ class Classifier:
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 1, 28, 28) raw images (0-255) -> (N, C) probabilities."""
-        return self.model((images - 255 * self.mean) / (255 * self.std)).softmax(1)
+        return self.model(normalize(images, self.mean, self.std)).softmax(1)
 
 
 def predict(classifier: Classifier, paths: list[Path]) -> list[dict[str, Any]]:

@@ -222,8 +222,7 @@ def write_report(sweep_dir: str | Path) -> Path:
     jobs = load_jobs(sweep_dir)
     if not jobs:
         raise FileNotFoundError(f"{sweep_dir} holds no job folders (<job>/.hydra/overrides.yaml): is it a sweep folder?")
-    declared = sweep_dir / SWEEP_FILE
-    keys = swept_keys(jobs, json.loads(declared.read_text())["swept"] if declared.exists() else [])
+    keys = swept_keys(jobs, recorded_sweep_keys(sweep_dir))
     best = best_job(jobs)
     # Each file appears whole: jobs of a parallel launcher may rewrite the report at the same time.
     with _replaced(sweep_dir / "summary.csv") as tmp:
