@@ -2,6 +2,7 @@
 training (augment=affine) and the fixed distortions of the robustness report."""
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +42,27 @@ class RandomAffine:
                              "data.augment.degrees=15 data.augment.translate=3 data.augment.scale=[0.9,1.1]")
         self.degrees, self.translate, self.scale, self.seed = degrees, translate, tuple(scale), seed
         self.generator: torch.Generator | None = None
+        self._pending_state: torch.Tensor | None = None  # from a checkpoint, until the generator exists
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The generator's state, so that a resumed run draws what the uninterrupted one would."""
+        state = self.generator.get_state() if self.generator is not None else self._pending_state
+        return {} if state is None else {"generator": state}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._pending_state = state.get("generator")
+        self.generator = None  # rebuilt at the next batch, from this state
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) float images, 0 = background -> the same, each moved at random."""
         if self.generator is None or self.generator.device != images.device:
             self.generator = torch.Generator(images.device).manual_seed(self.seed)
+            if self._pending_state is not None:
+                try:
+                    self.generator.set_state(self._pending_state)
+                except RuntimeError:  # saved on another kind of device (a CUDA state on CPU): reseeded
+                    warnings.warn("the augmentation generator's saved state is for another device: it starts again from its seed")
+                self._pending_state = None
         n = len(images)
         uniform = torch.rand(n, 4, generator=self.generator, device=images.device, dtype=images.dtype)
         angle = (uniform[:, 0] * 2 - 1) * self.degrees

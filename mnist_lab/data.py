@@ -5,6 +5,7 @@ import math
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -111,19 +112,36 @@ class InMemoryDataset(Dataset):
 
 
 class BatchIndices(Sampler[torch.Tensor]):
-    """One epoch's batches as index tensors: a fresh permutation from `generator` each epoch, or in order."""
+    """One epoch's batches as index tensors: a fresh permutation from `generator` each epoch, or in order.
 
-    def __init__(self, size: int, batch_size: int, generator: torch.Generator | None = None) -> None:
+    With `world_size` > 1 (DDP), process `rank` takes every world_size-th batch. Training batches
+    (`even=True`) are cut to the same count on every process, as DDP's gradient sync requires.
+    `skip` batches are left out of the first epoch only: a run resumed mid-epoch goes on from there.
+    """
+
+    def __init__(self, size: int, batch_size: int, generator: torch.Generator | None = None, rank: int = 0,
+                 world_size: int = 1, even: bool = False, skip: int = 0) -> None:
         self.size, self.batch_size, self.generator = size, batch_size, generator
+        self.rank, self.world_size, self.even, self.skip = rank, world_size, even, skip
+        self.epoch_start_state = generator.get_state() if generator is not None else None
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         # A generator, so the permutation is drawn at the first batch: DataLoader's worker
         # iterator calls iter() twice and drops the first, which must not consume a permutation.
-        order = torch.arange(self.size) if self.generator is None else torch.randperm(self.size, generator=self.generator)
-        yield from order.split(self.batch_size)
+        if self.generator is None:
+            order = torch.arange(self.size)
+        else:
+            self.epoch_start_state = self.generator.get_state()  # what a mid-epoch checkpoint records
+            order = torch.randperm(self.size, generator=self.generator)
+        batches = order.split(self.batch_size)[self.rank :: self.world_size][: len(self)]
+        skip, self.skip = self.skip, 0
+        yield from batches[skip:]
 
     def __len__(self) -> int:
-        return math.ceil(self.size / self.batch_size)
+        batches = math.ceil(self.size / self.batch_size)
+        if self.even:
+            return batches // self.world_size
+        return len(range(self.rank, batches, self.world_size))
 
 
 class MNISTDataModule(pl.LightningDataModule):
@@ -171,6 +189,8 @@ class MNISTDataModule(pl.LightningDataModule):
         self.augment = instantiate(augment) if augment else None
         self.dataset_cls = dataset_cls
         self.raw_dir = Path(data_dir) / dataset / "raw"
+        self._resume_state: dict | None = None  # from a checkpoint, applied once the data is set up
+        self._resume_at = 0  # training batches of the current epoch already done (mid-epoch resume)
 
     def _files(self, split: str) -> tuple[Path, Path]:
         return self.raw_dir / f"{split}-images-idx3-ubyte", self.raw_dir / f"{split}-labels-idx1-ubyte"
@@ -228,32 +248,74 @@ class MNISTDataModule(pl.LightningDataModule):
             self.val_set = InMemoryDataset(images[val], labels[val])
             # One generator for the whole fit: each epoch draws the next seeded permutation.
             self.shuffle_generator = torch.Generator().manual_seed(self.hparams.seed)
+            if self._resume_state is not None:
+                self._restore(self._resume_state)
         if stage in ("test", "predict") and not hasattr(self, "test_set"):
             self.test_set = InMemoryDataset(*self._load("t10k"))
 
-    def _loader(self, dataset: InMemoryDataset, batch_size: int, shuffle: bool) -> DataLoader:
-        batches = BatchIndices(len(dataset), batch_size, self.shuffle_generator if shuffle else None)
+    def _loader(self, dataset: InMemoryDataset, batch_size: int, train: bool = False) -> DataLoader:
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        batches = BatchIndices(len(dataset), batch_size, rank=rank, world_size=world_size)
+        if train:
+            skip, self._resume_at = self._resume_at, 0
+            batches = BatchIndices(len(dataset), batch_size, self.shuffle_generator, rank, world_size, even=True, skip=skip)
+            self.train_batches = batches
         # batch_size=None: each index tensor from the sampler fetches a whole batch, no collation.
+        # A generator of its own: each iter() draws a worker seed, which must not come from the
+        # global generator that dropout uses (a resumed run creates its iterators at other times).
         return DataLoader(
             dataset,
             sampler=batches,
             batch_size=None,
+            generator=torch.Generator().manual_seed(self.hparams.seed),
             num_workers=self.hparams.num_workers,
             pin_memory=self.hparams.pin_memory,
             persistent_workers=self.hparams.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
+        return self._loader(self.train_set, self.hparams.batch_size, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.hparams.eval_batch_size, shuffle=False)
+        return self._loader(self.val_set, self.hparams.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.hparams.eval_batch_size, shuffle=False)
+        return self._loader(self.test_set, self.hparams.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the data stream stands, for checkpoints: the shuffling generator at the start of
+        the current epoch, the batches of it already trained on, and the augmentation generator."""
+        state: dict[str, Any] = {}
+        if (batches := getattr(self, "train_batches", None)) is not None and self.trainer is not None:
+            state["epoch_start_state"] = batches.epoch_start_state
+            state["generator_state"] = self.shuffle_generator.get_state()
+            state["batches_done"] = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            state["batches_per_epoch"] = self.trainer.num_training_batches  # less with limit_train_batches
+        if self.augment is not None and (augment_state := self.augment.state_dict()):
+            state["augment"] = augment_state
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores this before setup(): keep it until the generator exists.
+        self._resume_state = state_dict
+        if hasattr(self, "shuffle_generator"):
+            self._restore(state_dict)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self._resume_state = None
+        if self.augment is not None and "augment" in state:
+            self.augment.load_state_dict(state["augment"])
+        if "generator_state" not in state:
+            return
+        if 0 < state["batches_done"] < state["batches_per_epoch"]:
+            # Stopped mid-epoch: draw that epoch's permutation again and skip what was done.
+            self.shuffle_generator.set_state(state["epoch_start_state"])
+            self._resume_at = state["batches_done"]
+        else:
+            self.shuffle_generator.set_state(state["generator_state"])
 
     def on_after_batch_transfer(self, batch: list[torch.Tensor], dataloader_idx: int) -> tuple[torch.Tensor, ...]:
         images, labels = batch

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +18,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 from torch.utils.tensorboard.summary import hparams
 
 from mnist_lab.errors import InputError
 from mnist_lab.figures import plot_curves
-from mnist_lab.report import run_name
+from mnist_lab.report import SWEEP_FILE, run_name
+from mnist_lab.resume import (
+    LAST_CHECKPOINT, Interrupted, TrainingState, check_resumable, check_run_folder, claim, stop_on_signals,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,11 @@ class EpochTimer(pl.Callback):
 
     def __init__(self) -> None:
         self.epoch_times: list[float] = []
+        self.earlier_fit_time = 0.0  # before the run was stopped and resumed
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+        self.on_train_epoch_start(trainer, pl_module)  # a run resumed mid-epoch starts there
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start, self._in_validation = time.perf_counter(), 0.0
@@ -59,6 +69,17 @@ class EpochTimer(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.epoch_times.append(time.perf_counter() - self._start - self._in_validation)
+
+    @property
+    def fit_time(self) -> float:
+        """Seconds in trainer.fit, over every session of a resumed run."""
+        return self.earlier_fit_time + time.perf_counter() - self._fit_start
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch_times": self.epoch_times, "fit_time": self.fit_time}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epoch_times, self.earlier_fit_time = list(state_dict["epoch_times"]), state_dict["fit_time"]
 
 
 def ensure_writable(folder: Path) -> None:
@@ -76,20 +97,62 @@ def ensure_writable(folder: Path) -> None:
 
 
 class CheckOutputDir(HydraCallback):
-    """Refuses an unwritable run or sweep folder with one message, before Hydra's own traceback."""
+    """Before Hydra writes into the run or sweep folder, refuses one that is unwritable, holds
+    another run or sweep, or is a bad resume=, with one message; then locks it for this process."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config.hydra.run.dir)
+        if rank_zero_only.rank != 0:  # DDP's other processes run in the first one's folder
+            return
+        folder = Path(config.hydra.run.dir)
+        if config.get("resume"):
+            self._check(folder, lambda: check_resume_command(folder, config.hydra.overrides.task))
+        else:
+            self._check(folder, lambda: check_run_folder(folder, config))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config.hydra.sweep.dir)
+        def check() -> None:
+            check_sweep_folder(Path(config.hydra.sweep.dir))
+            check_multirun_strategy(config)  # trainer=ddp for the whole sweep: refused before any job
+
+        self._check(Path(config.hydra.sweep.dir), check)
 
     @staticmethod
-    def _check(folder: str) -> None:
+    def _check(folder: Path, check: Callable[[], Any]) -> None:
         try:
-            ensure_writable(Path(folder))
+            check()
+            ensure_writable(folder)
+            claim(folder)
         except InputError as e:
             sys.exit(f"Error: {e}")
+        except Exception as e:  # Hydra would only warn and go on: fail closed instead
+            sys.exit(f"Error: could not check the output folder {folder}: {type(e).__name__}: {e}")
+
+
+def check_resume_command(folder: Path, overrides: Sequence[str]) -> None:
+    """resume=<folder> alone: the run goes on with the settings it was started with."""
+    if others := [o for o in overrides if not o.startswith("resume=")]:
+        raise InputError(
+            f"resume= continues a run with the settings it was started with; {' '.join(others)} would not "
+            "apply: drop it, or start a new run"
+        )
+    check_resumable(folder)
+
+
+def check_sweep_folder(folder: Path) -> None:
+    if (folder / SWEEP_FILE).exists() or (folder / "multirun.yaml").exists():
+        raise InputError(f"{folder} already holds a sweep: pass a new folder with hydra.sweep.dir=..., or delete that one")
+
+
+def check_multirun_strategy(cfg: DictConfig) -> None:
+    """Lightning starts DDP's other processes by running the command line again: inside -m that
+    would start the whole sweep again. Under SLURM, with one task per device, the tasks are the processes."""
+    strategy = str(cfg.trainer.get("strategy", ""))
+    if strategy.startswith("ddp") and "spawn" not in strategy and int(os.environ.get("SLURM_NTASKS", "1")) < 2:
+        raise InputError(
+            f"trainer.strategy={strategy} cannot run inside -m here: Lightning would start each extra process by "
+            "running this whole sweep again. Sweep on a cluster with hydra/launcher=slurm (one task per device), "
+            "or pass trainer.strategy=ddp_spawn"
+        )
 
 
 def threads_per_job(hydra_cfg: DictConfig) -> int | None:
@@ -160,12 +223,15 @@ def log_hparams(logger: TensorBoardLogger, params: dict[str, Any], swept: Sequen
     file_writer.flush()
 
 
-def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swept: Sequence[str] = ()) -> dict[str, Any]:
+def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swept: Sequence[str] = (),
+        resume_from: str | Path | None = None) -> dict[str, Any]:
     """Train and test one configuration; write out_dir/metrics.json and return the metrics.
 
     `overrides` are the command line's (Hydra's task overrides): their keys join the HPARAMS tab.
     `swept`, the keys a sweep varies, name the TensorBoard run: the event files go into
     out_dir/<lr=0.01,batch_size=64>, checkpoints into out_dir/checkpoints either way.
+    `resume_from`, a checkpoint of this run, continues it: same TensorBoard run, steps going on.
+    Stopped by SIGINT/SIGTERM, it raises mnist_lab.resume.Interrupted after saving a checkpoint.
     """
     out_dir = Path(out_dir)
     ensure_writable(out_dir)
@@ -177,20 +243,27 @@ def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swe
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")  # data.augment stays plain data
     model = instantiate(cfg.model, optimizer=cfg.optimizer, scheduler=cfg.scheduler, _recursive_=False, _convert_="all")
-    name = run_name(swept, overrides) if swept else None
-    logger = instantiate(cfg.logger, save_dir=str(out_dir), **({"version": name} if name else {}))
-    timer = EpochTimer()
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [timer]
+    logger_kwargs = logger_run(out_dir, swept, overrides, resume_from)
+    logger = instantiate(cfg.logger, save_dir=str(out_dir), **logger_kwargs)
+    timer, state = EpochTimer(), TrainingState(out_dir / LAST_CHECKPOINT)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [timer, state]
     for callback in callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
             callback.dirpath = str(out_dir / "checkpoints")  # not under the logger's run name
     trainer: pl.Trainer = instantiate(cfg.trainer, default_root_dir=str(out_dir), logger=logger, callbacks=callbacks)
 
     # Data errors surface in prepare_data/setup, before the first training step.
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
-    fit_time = time.perf_counter() - start
-    (test,) = trainer.test(model, datamodule=datamodule, ckpt_path="best", verbose=False)
+    try:
+        with stop_on_signals(state):
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+            # Read now: testing the best checkpoint restores the callbacks' state as it was then.
+            fit_time, epoch_times = timer.fit_time, list(timer.epoch_times)
+            (test,) = trainer.test(model, datamodule=datamodule, ckpt_path="best", verbose=False, weights_only=True)
+    except (Interrupted, SIGTERMException) as e:
+        stopped = e if isinstance(e, Interrupted) else Interrupted("SIGTERM", None)
+        if trainer.is_global_zero:
+            record_interruption(out_dir, stopped, trainer.global_step)
+        raise stopped from None
 
     best = trainer.checkpoint_callback
     metrics = {
@@ -200,9 +273,13 @@ def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swe
         "test/loss": test["test/loss"],
         "epochs": trainer.current_epoch,
         "fit_time_s": round(fit_time, 3),
-        "epoch_train_time_s": [round(t, 3) for t in timer.epoch_times],
+        "epoch_train_time_s": [round(t, 3) for t in epoch_times],
         "best_checkpoint": str(Path(best.best_model_path).relative_to(out_dir)),
     }
+    if resume_from is not None:
+        metrics["resumed_from_step"] = logger_kwargs["purge_step"]
+    if not trainer.is_global_zero:  # DDP: one process writes the run's files
+        return metrics
     if isinstance(logger, TensorBoardLogger):
         log_hparams(logger, hparams_of(cfg, overrides), swept)
         plot_curves(out_dir, Path(logger.log_dir))
@@ -213,3 +290,33 @@ def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swe
         out_dir, 100 * metrics["test/acc"], 100 * metrics["val/acc"], metrics["epochs"], fit_time, logdir,
     )
     return metrics
+
+
+def logger_run(out_dir: Path, swept: Sequence[str], overrides: Sequence[str], resume_from: str | Path | None) -> dict[str, Any]:
+    """The logger's run: named by the swept values in a sweep; for a resumed run, the one in its
+    checkpoint, with `purge_step` so that TensorBoard drops the steps logged after that
+    checkpoint by the stopped process (they are trained and logged again)."""
+    if resume_from is None:
+        run = {"version": run_name(swept, overrides)} if swept else {}
+        if any(out_dir.rglob("events.out.tfevents.*")):  # a run killed before its first checkpoint
+            run["purge_step"] = 0
+        return run
+    checkpoint = torch.load(resume_from, map_location="cpu", weights_only=True)
+    state = checkpoint.get("callbacks", {}).get(TrainingState.__qualname__, {})
+    run = {"purge_step": checkpoint["global_step"]}  # the first step the resumed run logs
+    if state.get("logger_version") is not None:
+        run["version"] = state["logger_version"]
+    return run
+
+
+def record_interruption(out_dir: Path, stopped: Interrupted, step: int) -> None:
+    """metrics.json says the run was stopped, where, and how to go on."""
+    checkpoint = stopped.checkpoint if stopped.checkpoint and stopped.checkpoint.is_file() else out_dir / LAST_CHECKPOINT
+    metrics = {
+        "status": "interrupted",
+        "signal": stopped.signal_name,
+        "step": step,
+        "checkpoint": str(checkpoint.relative_to(out_dir)) if checkpoint.is_file() else None,
+        "resume": f"python train.py resume={out_dir}",
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -59,17 +59,22 @@ class ImageClassifier(pl.LightningModule):
         self.train_correct.add_((logits.argmax(1) == y).sum())
         self.train_seen.add_(len(y))
         # self.log has a cost on every call: make it only on the steps Lightning writes to the logger.
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            if not torch.isfinite(loss):  # checked here, where the host reads the loss anyway
-                raise InputError(
-                    f"training diverged: the loss is {loss.item()} at step {self.global_step}; "
-                    f"lower the learning rate (optimizer.lr={self.hparams.optimizer['lr']})"
-                )
+        logging_step = (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+        # On CPU reading the loss is free: check every step. On a GPU it would stall the queue of
+        # kernels, so check where the host reads the loss anyway, on the logging steps.
+        if (logging_step or loss.device.type == "cpu") and not torch.isfinite(loss):
+            where = "at" if loss.device.type == "cpu" else "by"
+            raise InputError(
+                f"training diverged: the loss is {loss.item()} {where} step {self.global_step}; "
+                f"lower the learning rate (optimizer.lr={self.hparams.optimizer['lr']})"
+            )
+        if logging_step:
             self.log("train/loss", loss)
         return loss
 
     def on_train_epoch_end(self) -> None:
-        self.log("train/acc", self.train_correct / self.train_seen)
+        correct, seen = self.trainer.strategy.reduce(torch.stack([self.train_correct, self.train_seen]), reduce_op="sum")
+        self.log("train/acc", correct / seen)  # summed over DDP's processes first: the same on each
         self.train_correct.zero_()
         self.train_seen.zero_()
 
@@ -81,13 +86,14 @@ class ImageClassifier(pl.LightningModule):
         if not self.trainer.sanity_checking:
             self.val_acc_best.update(metrics["val/acc"])
             metrics["val/acc_best"] = self.val_acc_best.compute()
-        self.log_dict(metrics)
+        # torchmetrics has already combined DDP's processes: sync_dist only averages equal values.
+        self.log_dict(metrics, sync_dist=True)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._evaluate(batch, self.test_loss, self.test_acc)  # logits, for callbacks such as TestFigures
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self._epoch_metrics("test", self.test_loss, self.test_acc))
+        self.log_dict(self._epoch_metrics("test", self.test_loss, self.test_acc), sync_dist=True)
 
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], loss: MeanMetric, acc: MulticlassAccuracy) -> torch.Tensor:
         x, y = batch
@@ -104,8 +110,22 @@ class ImageClassifier(pl.LightningModule):
         return metrics
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The checkpoint alone then says which class to rebuild (python -m mnist_lab.evaluate --ckpt).
-        checkpoint["mnist_lab"] = {"model_class": f"{type(self).__module__}.{type(self).__qualname__}"}
+        # The checkpoint alone then says which class to rebuild (python -m mnist_lab.evaluate --ckpt),
+        # and a run resumed from it goes on with the running counts and the best val/acc so far.
+        checkpoint["mnist_lab"] = {
+            "model_class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "train_counts": torch.stack([self.train_correct, self.train_seen]).cpu(),
+            "val_acc_best": self.val_acc_best.max_value.cpu(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("mnist_lab", {})
+        if "train_counts" in state:  # not in checkpoints written before resume existed
+            self.train_correct.copy_(state["train_counts"][0])
+            self.train_seen.copy_(state["train_counts"][1])
+            self.val_acc_best.reset()
+            if torch.isfinite(best := state["val_acc_best"]):
+                self.val_acc_best.update(best.to(self.val_acc_best.max_value.device))
 
     def configure_optimizers(self) -> dict[str, Any]:
         if self.hparams.optimizer is None:

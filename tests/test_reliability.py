@@ -1,0 +1,235 @@
+"""Runs that are stopped, killed, resumed, repeated, or run in two processes: real subprocesses
+and real signals (issue: reliability)."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mnist_lab.data import BatchIndices
+from mnist_lab.resume import claim
+from tests.conftest import ROOT, run_train, smoke_overrides
+
+BATCHES = 40  # training batches per epoch in the signal tests: about 2 s of the CNN per epoch
+
+
+def real_overrides(data_dir: Path, *extra: str) -> list[str]:
+    """The CNN with its augmentation and dropout (every random stream a resume must restore),
+    on the real MNIST, with short epochs and a logged loss every 5 steps."""
+    return [
+        f"data.data_dir={data_dir}", "data.download=false", "model=cnn", "trainer=cpu", "trainer.max_epochs=3",
+        f"+trainer.limit_train_batches={BATCHES}", "trainer.log_every_n_steps=5", "callbacks.progress_bar=null",
+        "+trainer.enable_progress_bar=false", *extra,
+    ]
+
+
+def start(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.05)
+
+
+def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one tag, as TensorBoard reads the run (purged steps dropped)."""
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return [(event.step, event.value) for event in accumulator.Scalars(tag)]
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(real_data_dir, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = run_train(*real_overrides(real_data_dir), f"hydra.run.dir={run_dir}", timeout=300)
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    """Same test metrics, and the same training curve in one TensorBoard run: no step twice."""
+    ours, theirs = metrics(run_dir), metrics(reference)
+    assert ours["status"] == "ok" and ours["epochs"] == theirs["epochs"] == 3
+    assert (ours["test/acc"], ours["test/loss"]) == (theirs["test/acc"], theirs["test/loss"])
+    assert scalars(run_dir, "train/loss") == scalars(reference, "train/loss")
+    assert scalars(run_dir, "val/acc") == scalars(reference, "val/acc")
+    event_dirs = {path.parent for path in run_dir.rglob("events.out.tfevents.*")}
+    assert event_dirs == {run_dir}  # one TensorBoard run, not a second one for the resumed part
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_mid_epoch_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(
+        signum, real_data_dir, uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, real_overrides(real_data_dir))
+    wait_for(run_dir / "checkpoints" / "last.ckpt", proc)  # epoch 0 is done: stop inside epoch 1
+    time.sleep(0.5)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, stderr
+    assert f"python train.py resume={run_dir}" in stderr
+    stopped = metrics(run_dir)
+    assert stopped["status"] == "interrupted" and stopped["signal"] == signal.Signals(signum).name
+    assert BATCHES < stopped["step"] < 2 * BATCHES  # mid-epoch: the checkpoint is from that batch
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == stopped["step"]
+
+    result = run_train(f"resume={run_dir}", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert metrics(run_dir)["resumed_from_step"] == stopped["step"]
+    assert_same_run(run_dir, uninterrupted)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_the_same_command_resumes_from_the_epoch_boundary(real_data_dir, uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, real_overrides(real_data_dir))
+    wait_for(run_dir / "checkpoints" / "last.ckpt", proc)
+    time.sleep(0.5)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert not (run_dir / "metrics.json").exists()
+
+    result = run_train(*real_overrides(real_data_dir), f"hydra.run.dir={run_dir}", timeout=300)  # the same command
+    assert result.returncode == 0, result.stderr
+    assert metrics(run_dir)["resumed_from_step"] == BATCHES  # the end of epoch 0
+    # The steps the killed process logged after that checkpoint are dropped, then trained again.
+    assert_same_run(run_dir, uninterrupted)
+
+
+@pytest.fixture(scope="module")
+def finished_run(synthetic_dir, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    result = run_train(*smoke_overrides(synthetic_dir, "model=softmax"), f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def single_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_resume_refuses_what_it_cannot_continue(finished_run, synthetic_dir, tmp_path):
+    assert "that run finished already" in single_error(run_train(f"resume={finished_run}"))
+    assert "not a run folder" in single_error(run_train(f"resume={tmp_path / 'nothing'}"))
+    assert not (tmp_path / "nothing").exists()
+    # A run killed before its first checkpoint: its .hydra/ and nothing else.
+    started = tmp_path / "started"
+    (started / ".hydra").mkdir(parents=True)
+    for name in ("config.yaml", "overrides.yaml"):
+        (started / ".hydra" / name).write_text((finished_run / ".hydra" / name).read_text())
+    assert "the run has no checkpoint to resume from" in single_error(run_train(f"resume={started}"))
+    other = single_error(run_train(f"resume={started}", "optimizer.lr=0.5"))
+    assert "optimizer.lr=0.5 would not apply" in other
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_never_overwritten(finished_run, synthetic_dir):
+    before = {p: p.stat().st_mtime_ns for p in finished_run.rglob("*") if p.is_file() and p.name != ".lock"}
+    error = single_error(run_train(*smoke_overrides(synthetic_dir, "model=softmax"), f"hydra.run.dir={finished_run}"))
+    assert f"{finished_run} already holds a finished run" in error
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+@pytest.mark.slow
+def test_a_folder_in_use_is_refused(synthetic_dir, tmp_path):
+    busy = tmp_path / "busy"
+    claim(busy)  # this test process holds the folder, as a running train.py does
+    error = single_error(run_train(*smoke_overrides(synthetic_dir), f"hydra.run.dir={busy}"))
+    assert f"{busy} is in use by another run" in error
+    assert not (busy / ".hydra").exists()
+
+
+@pytest.mark.slow
+def test_a_stopped_run_is_not_resumed_with_other_settings(synthetic_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_train(*smoke_overrides(synthetic_dir, "model=softmax"), f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    (run_dir / "metrics.json").unlink()  # as if killed after its last checkpoint
+    error = single_error(run_train(*smoke_overrides(synthetic_dir, "model=softmax", "optimizer.lr=0.5"),
+                                   f"hydra.run.dir={run_dir}"))
+    assert "holds a stopped run with other settings (optimizer.lr=0.05->0.5" in error
+
+
+@pytest.mark.slow
+def test_sweeps_started_together_get_their_own_folders_and_a_used_one_is_refused(synthetic_dir, tmp_path):
+    args = [sys.executable, str(ROOT / "train.py"), "-m", *smoke_overrides(synthetic_dir, "model=softmax"),
+            "seed=1,2"]
+    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    sweeps = list((tmp_path / "outputs" / "sweeps").glob("*/*"))
+    assert len(sweeps) == 2
+    assert all(len(list(sweep.glob("*/metrics.json"))) == 2 for sweep in sweeps)
+    error = single_error(run_train("-m", *smoke_overrides(synthetic_dir, "model=softmax"), "seed=1,2",
+                                   f"hydra.sweep.dir={sweeps[0]}"))
+    assert f"{sweeps[0]} already holds a sweep" in error
+
+
+@pytest.mark.slow
+def test_divergence_stops_at_the_first_bad_step(synthetic_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    # Logged every 100 steps, the loss is still checked at every step on the CPU.
+    overrides = smoke_overrides(synthetic_dir, "model=lenet", "optimizer.lr=1e30", "scheduler=none",
+                                "trainer.log_every_n_steps=100")
+    error = single_error(run_train(*overrides, f"hydra.run.dir={run_dir}"))
+    assert "training diverged: the loss is nan at step 1; lower the learning rate (optimizer.lr=1e+30)" in error
+    assert metrics(run_dir)["status"] == "failed"
+
+
+def test_batches_are_shared_out_between_processes_without_overlap():
+    generator = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    whole = torch.cat(list(BatchIndices(1000, 64, generator())))
+    shards = [list(BatchIndices(1000, 64, generator(), rank=r, world_size=3, even=True)) for r in range(3)]
+    assert [len(s) for s in shards] == [5, 5, 5]  # 16 batches: 15 shared out evenly, the last left out
+    taken = torch.cat([torch.cat(s) for s in shards])
+    assert len(set(taken.tolist())) == len(taken) == 15 * 64
+    assert set(taken.tolist()) <= set(whole.tolist())
+    assert torch.equal(shards[1][0], whole[64:128])  # process 1 takes batches 1, 4, 7, ...
+
+
+def test_skipped_batches_resume_the_same_permutation():
+    full = list(BatchIndices(300, 32, torch.Generator().manual_seed(5)))
+    resumed = list(BatchIndices(300, 32, torch.Generator().manual_seed(5), skip=4))
+    assert all(torch.equal(a, b) for a, b in zip(full[4:], resumed, strict=True))
+
+
+@pytest.mark.slow
+def test_ddp_cpu_trains_in_two_processes(synthetic_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_train(*smoke_overrides(synthetic_dir, "model=lenet", "trainer=ddp_cpu"), f"hydra.run.dir={run_dir}",
+                       timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Starting with 2 processes" in result.stderr + result.stdout
+    assert metrics(run_dir)["status"] == "ok"
+    # 300 images less 100 for validation, 32 a batch: 7 batches, 3 for each process and epoch.
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2 * 3
+
+
+@pytest.mark.slow
+def test_ddp_inside_a_local_sweep_is_refused_before_any_job(synthetic_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    error = single_error(run_train("-m", *smoke_overrides(synthetic_dir, "trainer=ddp_cpu"), "seed=1,2",
+                                   f"hydra.sweep.dir={sweep}"))
+    assert "trainer.strategy=ddp cannot run inside -m here" in error
+    assert not list(sweep.glob("*/metrics.json"))
