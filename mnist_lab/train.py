@@ -31,6 +31,8 @@ from mnist_lab.resume import (
 )
 
 log = logging.getLogger(__name__)
+# Lightning advertises its cloud logger at every Trainer start, in every run's log: drop that line.
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
 
 # The metrics of TensorBoard's HPARAMS tab, in its column order: scalar tags, at their last value.
 HPARAM_METRICS = ("val/acc", "test/acc", "test/loss", "val/acc_best", "val/loss")
@@ -147,11 +149,11 @@ def check_multirun_strategy(cfg: DictConfig) -> None:
     """Lightning starts DDP's other processes by running the command line again: inside -m that
     would start the whole sweep again. Under SLURM, with one task per device, the tasks are the processes."""
     strategy = str(cfg.trainer.get("strategy", ""))
-    if strategy.startswith("ddp") and "spawn" not in strategy and int(os.environ.get("SLURM_NTASKS", "1")) < 2:
+    if strategy.startswith("ddp") and int(os.environ.get("SLURM_NTASKS", "1")) < 2:
         raise InputError(
             f"trainer.strategy={strategy} cannot run inside -m here: Lightning would start each extra process by "
-            "running this whole sweep again. Sweep on a cluster with hydra/launcher=slurm (one task per device), "
-            "or pass trainer.strategy=ddp_spawn"
+            "running this whole sweep again. Run it without -m, one configuration at a time, or sweep on a "
+            "cluster with hydra/launcher=slurm and hydra.launcher.tasks_per_node=<devices> (one task per device)"
         )
 
 
@@ -194,6 +196,11 @@ def check_config(cfg: DictConfig) -> None:
     """Refuse what no object checks for itself, before any work is done."""
     if not cfg.trainer.max_epochs >= 1:
         raise InputError(f"trainer.max_epochs must be at least 1, got {cfg.trainer.max_epochs}: pass e.g. trainer.max_epochs=5")
+    if "spawn" in str(cfg.trainer.get("strategy", "")):
+        raise InputError(
+            f"trainer.strategy={cfg.trainer.strategy} is not supported: it trains in processes of its own, where "
+            "mnist_lab's callbacks (timing, checkpoints for resume, signals) do not reach. Use trainer=ddp or trainer=ddp_cpu"
+        )
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         raise InputError("trainer=gpu, but PyTorch sees no CUDA GPU here: use trainer=cpu, or the default, which picks one")
 

@@ -58,7 +58,7 @@ def test_help_lists_the_groups():
     result = run_train("--help")
     assert result.returncode == 0
     for line in ["model: cnn, lenet, mlp, softmax", "augment: affine, none", "optimizer: adadelta, adam, adamw, rmsprop, sgd",
-                 "scheduler: cosine, none, onecycle, step", "trainer: cpu, default, gpu", "data: fashion_mnist, mnist"]:
+                 "scheduler: cosine, none, onecycle, step", "trainer: cpu, ddp, ddp_cpu, default, gpu", "data: fashion_mnist, mnist"]:
         assert line in result.stdout
 
 

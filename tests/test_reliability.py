@@ -233,3 +233,16 @@ def test_ddp_inside_a_local_sweep_is_refused_before_any_job(synthetic_dir, tmp_p
                                    f"hydra.sweep.dir={sweep}"))
     assert "trainer.strategy=ddp cannot run inside -m here" in error
     assert not list(sweep.glob("*/metrics.json"))
+
+
+@pytest.mark.slow
+def test_ddp_cpu_matches_one_process_within_0_3_points(real_checkpoint, real_data_dir, tmp_path):
+    """One epoch of LeNet-5 in 2 processes of 32 images a batch (a global batch of 64, as in one
+    process) against the one-process epoch of the real_checkpoint fixture."""
+    run_dir = tmp_path / "run"
+    result = run_train(f"data.data_dir={real_data_dir}", "model=lenet", "trainer=ddp_cpu", "trainer.max_epochs=1",
+                       "data.batch_size=32", "callbacks.progress_bar=null", "+trainer.enable_progress_bar=false",
+                       f"hydra.run.dir={run_dir}", timeout=400)
+    assert result.returncode == 0, result.stderr
+    _, single = real_checkpoint
+    assert abs(metrics(run_dir)["test/acc"] - single["test/acc"]) <= 0.003, (metrics(run_dir)["test/acc"], single["test/acc"])

@@ -145,11 +145,13 @@ def test_train_py_end_to_end(synthetic_dir, tmp_path):
 BAD_INPUT = [
     ("optimizer.lr=-0.1", "optimizer.lr must be > 0"),
     ("optimizer.lr=0", "optimizer.lr must be > 0"),
+    ("optimizer.lr=abc", "optimizer.lr must be > 0, got 'abc'"),
     ("data.batch_size=0", "data.batch_size must be a positive integer"),
     ("trainer.max_epochs=0", "trainer.max_epochs must be at least 1"),
     ("data.val_size=0", "data.val_size must be a positive integer"),
     ("data.val_size=300", "data.val_size=300 leaves no training images"),
     ("hydra.run.dir=/proc/mnist_lab_run", "cannot write to the output folder /proc/mnist_lab_run"),
+    ("+trainer.strategy=ddp_spawn", "trainer.strategy=ddp_spawn is not supported"),
 ]
 
 

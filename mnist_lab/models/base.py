@@ -35,8 +35,9 @@ class ImageClassifier(pl.LightningModule):
 
     def __init__(self, optimizer: dict | None = None, scheduler: dict | None = None, num_classes: int = 10) -> None:
         super().__init__()
-        if optimizer is not None and not optimizer.get("lr", 1) > 0:
-            raise InputError(f"optimizer.lr must be > 0, got {optimizer['lr']}: pass e.g. optimizer.lr=0.01")
+        lr = (optimizer or {}).get("lr", 1)
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise InputError(f"optimizer.lr must be > 0, got {lr!r}: pass e.g. optimizer.lr=0.01")
         # Collects the subclass's __init__ arguments too.
         self.save_hyperparameters()
         # Training accuracy is a running count: a torchmetrics update took 0.1 ms here, 2% of a

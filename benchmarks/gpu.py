@@ -1,0 +1,168 @@
+"""LeNet-5 on one GPU with the whole data set in GPU memory: mnist_lab against a plain PyTorch loop.
+
+    python benchmarks/gpu.py [--epochs 5] [--data-dir DIR] [--device cuda] [OVERRIDE ...]
+
+(a) mnist_lab: `mnist_lab.train.run` with trainer=gpu and data.on_device=true (batches are
+    index_selects on the GPU), the default callbacks and logger, plus any Hydra OVERRIDEs
+    (e.g. data.batch_size=512 optimizer.lr=0.2).
+(b) plain PyTorch: the same LeNet, optimizer and OneCycle schedule in a bare loop over the same
+    GPU tensors, normalized per batch as mnist_lab does.
+
+Prints, for each: the training time of every epoch (validation and the test checks left out,
+the GPU synchronized at each epoch's end), images/s, test accuracy after each epoch and the
+training time to 99% test accuracy. (a) runs first, then (b): on a GPU machine to oneself the
+two are steady enough to compare; run it twice to see the spread. --device cpu runs the same
+code on the CPU, to check the script where there is no GPU.
+"""
+
+import argparse
+import logging
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from mnist_lab.train import run
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def test_accuracy(model: torch.nn.Module, datamodule) -> float:
+    was_training = model.training
+    model.eval()
+    data = datamodule.test_set
+    x, y = datamodule.on_after_batch_transfer([data.images, data.labels], 0)
+    accuracy = (model(x).argmax(1) == y).float().mean().item()
+    model.train(was_training)
+    return accuracy
+
+
+class EpochCheck(pl.Callback):
+    """(a)'s test accuracy after each epoch, inside the validation window that EpochTimer leaves
+    out, and a GPU synchronization before EpochTimer reads the clock at each epoch's end."""
+
+    def __init__(self) -> None:
+        self.accuracies: list[float] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        synchronize(pl_module.device)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        synchronize(pl_module.device)  # the epoch's queued kernels count as training
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            datamodule = trainer.datamodule
+            datamodule.setup("test")
+            self.accuracies.append(test_accuracy(pl_module, datamodule))
+
+
+CHECK = EpochCheck()
+
+
+def current_check() -> EpochCheck:
+    return CHECK
+
+
+def plain_loop(cfg, datamodule, epochs: int, device: torch.device) -> tuple[list[float], list[float]]:
+    """(b): per-epoch training times and test accuracies of a bare loop over GPU tensors."""
+    torch.manual_seed(cfg.seed)
+    model = instantiate(cfg.model, optimizer=None, scheduler=None, _recursive_=False, _convert_="all").to(device)
+    optimizer = instantiate(cfg.optimizer, params=model.parameters())
+    batch_size = cfg.data.batch_size
+    images, labels = datamodule.train_set.images, datamodule.train_set.labels
+    steps_per_epoch = -(-len(labels) // batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.optimizer.lr, total_steps=epochs * steps_per_epoch, pct_start=cfg.scheduler.pct_start,
+        cycle_momentum=cfg.scheduler.cycle_momentum,
+    )
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    times, accuracies = [], []
+    for _ in range(epochs):
+        synchronize(device)
+        start = time.perf_counter()
+        for idx in torch.randperm(len(labels), device=device, generator=generator).split(batch_size):
+            x, y = datamodule.on_after_batch_transfer([images.index_select(0, idx), labels.index_select(0, idx)], 0)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+        accuracies.append(test_accuracy(model, datamodule))
+    return times, accuracies
+
+
+def time_to(threshold: float, epoch_times: list[float], accuracies: list[float]) -> str:
+    elapsed = 0.0
+    for seconds, accuracy in zip(epoch_times, accuracies, strict=True):
+        elapsed += seconds
+        if accuracy >= threshold:
+            return f"{elapsed:.2f} s"
+    return f"not reached in {len(accuracies)} epochs (best {max(accuracies):.4f})"
+
+
+def report(label: str, times: list[float], accuracies: list[float], images: int) -> None:
+    print(f"{label}: epochs {[round(t, 3) for t in times]} s, median {statistics.median(times):.3f} s, "
+          f"{images / statistics.median(times):,.0f} images/s")
+    print(f"    test accuracy after each epoch {[round(a, 4) for a in accuracies]}; "
+          f"training time to 99%: {time_to(0.99, times, accuracies)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for both, e.g. data.batch_size=512 optimizer.lr=0.2")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--data-dir", default=os.environ.get("MNIST_LAB_DATA", "data"))
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("Error: PyTorch sees no CUDA GPU here: run this on a GPU machine, or pass --device cpu to check the script")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    device = torch.device(args.device)
+
+    overrides = [
+        "model=lenet", f"trainer={'gpu' if args.device == 'cuda' else 'cpu'}", f"trainer.max_epochs={args.epochs}",
+        f"data.data_dir={args.data_dir}", "data.download=false", "data.on_device=true",
+        "+callbacks.epoch_check._target_=__main__.current_check", *args.overrides,
+    ]
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides)
+    with tempfile.TemporaryDirectory() as out_dir:
+        metrics = run(cfg, out_dir)
+    lab_times = metrics["epoch_train_time_s"]
+
+    datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    datamodule.train_set, datamodule.test_set = datamodule.train_set.to(device), datamodule.test_set.to(device)
+    plain_times, plain_accuracies = plain_loop(cfg, datamodule, args.epochs, device)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    images = len(datamodule.train_set)
+    print(f"\nLeNet-5, batch {cfg.data.batch_size}, {args.epochs} epochs, {images} training images, data on the "
+          f"{device.type}; {name}; torch {torch.__version__}, pytorch-lightning {pl.__version__}")
+    report("(a) mnist_lab    ", lab_times, CHECK.accuracies, images)
+    report("(b) plain PyTorch", plain_times, plain_accuracies, images)
+    print(f"a/b = {sum(lab_times) / sum(plain_times):.2f}; mnist_lab's final test/acc (best checkpoint) "
+          f"{metrics['test/acc']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
