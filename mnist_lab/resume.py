@@ -62,14 +62,14 @@ class TrainingState(pl.Callback):
         # ModelCheckpoint(save_last=True) writes last.ckpt only when it saves a best checkpoint:
         # at the end of every epoch, a killed run must find that epoch's state.
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
-            trainer.save_checkpoint(self.last_checkpoint)
+            trainer.save_checkpoint(self.last_checkpoint, weights_only=False)  # the whole state, not the weights alone
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         stop = self.signal_name is not None or trainer.received_sigterm
         if trainer.world_size > 1:  # every process saves and stops at the same batch
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop and not self._stopping:
-            trainer.save_checkpoint(self.last_checkpoint)
+            trainer.save_checkpoint(self.last_checkpoint, weights_only=False)  # the whole state, not the weights alone
             self._stopping = True  # stop once Lightning has logged this batch: at the next one
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:

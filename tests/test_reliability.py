@@ -246,3 +246,24 @@ def test_ddp_cpu_matches_one_process_within_0_3_points(real_checkpoint, real_dat
     assert result.returncode == 0, result.stderr
     _, single = real_checkpoint
     assert abs(metrics(run_dir)["test/acc"] - single["test/acc"]) <= 0.003, (metrics(run_dir)["test/acc"], single["test/acc"])
+
+
+@pytest.mark.slow
+def test_a_signal_stops_a_whole_sweep_and_its_job_resumes_alone(real_data_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, str(ROOT / "train.py"), "-m", f"data.data_dir={real_data_dir}", "model=lenet", "trainer=cpu",
+            "trainer.max_epochs=2", "+trainer.limit_train_batches=100", "callbacks.progress_bar=null",
+            "+trainer.enable_progress_bar=false", "seed=1,2,3", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(sweep / "1" / "checkpoints" / "last.ckpt", proc)  # job 1 is in its second epoch
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert f"python train.py resume={sweep / '1'}" in stderr
+    assert metrics(sweep / "1")["status"] == "interrupted" and not (sweep / "2").exists()
+
+    result = run_train(f"resume={sweep / '1'}", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert metrics(sweep / "1")["status"] == "ok"
+    assert {p.parent.name for p in (sweep / "1").rglob("events.out.tfevents.*")} == {"seed=2"}  # its TensorBoard run
+    assert "2 jobs: 2 ok, 0 failed." in (sweep / "summary.md").read_text()  # the report caught up
