@@ -267,11 +267,12 @@ class MNISTDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: InMemoryDataset, batch_size: int, train: bool = False) -> DataLoader:
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        batches = BatchIndices(len(dataset), batch_size, rank=rank, world_size=world_size)
         if train:
             skip, self._resume_at = self._resume_at, 0
             batches = BatchIndices(len(dataset), batch_size, self.shuffle_generator, rank, world_size, even=True, skip=skip)
-            self.train_batches = batches
+            self.train_batches = batches  # its epoch_start_state goes into checkpoints
+        else:
+            batches = BatchIndices(len(dataset), batch_size, rank=rank, world_size=world_size)
         # batch_size=None: each index tensor from the sampler fetches a whole batch, no collation.
         # A generator of its own: each iter() draws a worker seed, which must not come from the
         # global generator that dropout uses (a resumed run creates its iterators at other times).
