@@ -189,7 +189,7 @@ def time_to(threshold: float, epoch_times: list[float], accuracies: list[float])
     for seconds, accuracy in zip(epoch_times, accuracies, strict=True):
         elapsed += seconds
         if accuracy >= threshold:
-            return f"{elapsed:.1f} s"
+            return f"{elapsed:.2f} s"
     return f"not reached in {len(accuracies)} epochs (best {max(accuracies):.4f})"
 
 

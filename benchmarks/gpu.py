@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from epoch_time import test_accuracy, time_to  # the CPU benchmark beside this file
 from mnist_lab.train import run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -38,17 +39,6 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def test_accuracy(model: torch.nn.Module, datamodule) -> float:
-    was_training = model.training
-    model.eval()
-    data = datamodule.test_set
-    x, y = datamodule.on_after_batch_transfer([data.images, data.labels], 0)
-    accuracy = (model(x).argmax(1) == y).float().mean().item()
-    model.train(was_training)
-    return accuracy
 
 
 class EpochCheck(pl.Callback):
@@ -113,15 +103,6 @@ def plain_loop(cfg, datamodule, epochs: int, device: torch.device) -> tuple[list
         times.append(time.perf_counter() - start)
         accuracies.append(test_accuracy(model, datamodule))
     return times, accuracies
-
-
-def time_to(threshold: float, epoch_times: list[float], accuracies: list[float]) -> str:
-    elapsed = 0.0
-    for seconds, accuracy in zip(epoch_times, accuracies, strict=True):
-        elapsed += seconds
-        if accuracy >= threshold:
-            return f"{elapsed:.2f} s"
-    return f"not reached in {len(accuracies)} epochs (best {max(accuracies):.4f})"
 
 
 def report(label: str, times: list[float], accuracies: list[float], images: int) -> None:
