@@ -34,7 +34,7 @@ def main(cfg: DictConfig) -> float:
     swept = recorded_sweep_keys(hydra_cfg.sweep.dir) if multirun else []
     try:
         if multirun:
-            check_multirun_strategy(cfg)
+            check_multirun_strategy(cfg, hydra_cfg.launcher.get("_target_"))
         metrics = run(cfg, out_dir, overrides, swept, resume_from)
     except Interrupted as e:
         if (out_dir / LAST_CHECKPOINT).is_file():

@@ -114,7 +114,8 @@ class CheckOutputDir(HydraCallback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         def check() -> None:
             check_sweep_folder(Path(config.hydra.sweep.dir))
-            check_multirun_strategy(config)  # trainer=ddp for the whole sweep: refused before any job
+            # trainer=ddp for the whole sweep: refused before any job
+            check_multirun_strategy(config, OmegaConf.select(config, "hydra.launcher._target_"))
 
         self._check(Path(config.hydra.sweep.dir), check)
 
@@ -145,11 +146,13 @@ def check_sweep_folder(folder: Path) -> None:
         raise InputError(f"{folder} already holds a sweep: pass a new folder with hydra.sweep.dir=..., or delete that one")
 
 
-def check_multirun_strategy(cfg: DictConfig) -> None:
+def check_multirun_strategy(cfg: DictConfig, launcher: str | None) -> None:
     """Lightning starts DDP's other processes by running the command line again: inside -m that
-    would start the whole sweep again. Under SLURM, with one task per device, the tasks are the processes."""
+    would start the whole sweep again. With the SLURM launcher (`launcher`, the hydra.launcher
+    target) and one task per device, the tasks are the processes."""
     strategy = str(cfg.trainer.get("strategy", ""))
-    if strategy.startswith("ddp") and int(os.environ.get("SLURM_NTASKS", "1")) < 2:
+    on_slurm = (launcher or "").endswith("SlurmLauncher") or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    if strategy.startswith("ddp") and not on_slurm:
         raise InputError(
             f"trainer.strategy={strategy} cannot run inside -m here: Lightning would start each extra process by "
             "running this whole sweep again. Run it without -m, one configuration at a time, or sweep on a "

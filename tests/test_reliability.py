@@ -13,7 +13,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mnist_lab.data import BatchIndices
+from mnist_lab.errors import InputError
 from mnist_lab.resume import claim
+from mnist_lab.train import check_multirun_strategy
 from tests.conftest import ROOT, run_train, smoke_overrides
 
 BATCHES = 40  # training batches per epoch in the signal tests: about 2 s of the CNN per epoch
@@ -260,3 +262,11 @@ def test_a_signal_stops_a_whole_sweep_and_its_job_resumes_alone(real_data_dir, t
     assert metrics(sweep / "1")["status"] == "ok"
     assert {p.parent.name for p in (sweep / "1").rglob("events.out.tfevents.*")} == {"seed=2"}  # its TensorBoard run
     assert "2 jobs: 2 ok, 0 failed." in (sweep / "summary.md").read_text()  # the report caught up
+
+
+def test_ddp_in_a_sweep_is_left_to_the_slurm_launcher(make_cfg):
+    cfg = make_cfg("trainer=ddp")
+    with pytest.raises(InputError, match="cannot run inside -m here"):
+        check_multirun_strategy(cfg, "hydra._internal.core_plugins.basic_launcher.BasicLauncher")
+    check_multirun_strategy(cfg, "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher")
+    check_multirun_strategy(make_cfg("trainer=cpu"), None)
