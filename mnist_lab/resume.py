@@ -27,12 +27,12 @@ OmegaConf.register_new_resolver("mnist_lab.unless_resume", lambda resume, value:
 
 
 class Interrupted(BaseException):
-    """Training stopped by a signal, after saving `checkpoint`. A BaseException, like
-    KeyboardInterrupt, so that a sweep stops too rather than going on to its next job."""
+    """Training stopped by a signal (its last.ckpt, if any, is where to resume). A BaseException,
+    like KeyboardInterrupt, so that a sweep stops too rather than going on to its next job."""
 
-    def __init__(self, signal_name: str, checkpoint: Path | None) -> None:
+    def __init__(self, signal_name: str) -> None:
         super().__init__(f"stopped by {signal_name}")
-        self.signal_name, self.checkpoint = signal_name, checkpoint
+        self.signal_name = signal_name
 
     @property
     def exit_code(self) -> int:
@@ -74,11 +74,11 @@ class TrainingState(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         if self._stopping:
-            raise Interrupted(self.signal_name or "SIGTERM", self.last_checkpoint)
+            raise Interrupted(self.signal_name or "SIGTERM")
 
     def on_test_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if self.signal_name is not None:  # training is over: its last checkpoint is complete
-            raise Interrupted(self.signal_name, self.last_checkpoint)
+            raise Interrupted(self.signal_name)
 
     def state_dict(self) -> dict[str, Any]:
         state = {"torch_rng": torch.get_rng_state(), "logger_version": self.logger_version}

@@ -270,7 +270,7 @@ def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swe
             fit_time, epoch_times = timer.fit_time, list(timer.epoch_times)
             (test,) = trainer.test(model, datamodule=datamodule, ckpt_path="best", verbose=False, weights_only=True)
     except (Interrupted, SIGTERMException) as e:
-        stopped = e if isinstance(e, Interrupted) else Interrupted("SIGTERM", None)
+        stopped = e if isinstance(e, Interrupted) else Interrupted("SIGTERM")
         if trainer.is_global_zero:
             record_interruption(out_dir, stopped, trainer.global_step)
         raise stopped from None
@@ -321,12 +321,11 @@ def logger_run(out_dir: Path, swept: Sequence[str], overrides: Sequence[str], re
 
 def record_interruption(out_dir: Path, stopped: Interrupted, step: int) -> None:
     """metrics.json says the run was stopped, where, and how to go on."""
-    checkpoint = stopped.checkpoint if stopped.checkpoint and stopped.checkpoint.is_file() else out_dir / LAST_CHECKPOINT
     metrics = {
         "status": "interrupted",
         "signal": stopped.signal_name,
         "step": step,
-        "checkpoint": str(checkpoint.relative_to(out_dir)) if checkpoint.is_file() else None,
+        "checkpoint": str(LAST_CHECKPOINT) if (out_dir / LAST_CHECKPOINT).is_file() else None,
         "resume": f"python train.py resume={out_dir}",
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -91,6 +91,7 @@ def test_signal_mid_epoch_saves_a_checkpoint_and_resume_matches_an_uninterrupted
     assert f"python train.py resume={run_dir}" in stderr
     stopped = metrics(run_dir)
     assert stopped["status"] == "interrupted" and stopped["signal"] == signal.Signals(signum).name
+    assert stopped["checkpoint"] == "checkpoints/last.ckpt"
     assert BATCHES < stopped["step"] < 2 * BATCHES  # mid-epoch: the checkpoint is from that batch
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == stopped["step"]
 
@@ -144,6 +145,11 @@ def test_resume_refuses_what_it_cannot_continue(finished_run, tmp_path):
         check_resume_command(started, [f"resume={started}"])
     with pytest.raises(InputError, match="optimizer.lr=0.5 would not apply"):
         check_resume_command(started, [f"resume={started}", "optimizer.lr=0.5"])
+    failed = tmp_path / "failed"
+    shutil.copytree(finished_run, failed, ignore=shutil.ignore_patterns(".lock"))
+    (failed / "metrics.json").write_text(json.dumps({"status": "failed", "error": "InputError: training diverged"}))
+    with pytest.raises(InputError, match="that run failed"):
+        check_resume_command(failed, [f"resume={failed}"])
 
 
 @pytest.mark.slow
