@@ -6,20 +6,25 @@ import sys
 from pathlib import Path
 
 import hydra
-import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_lab.errors import InputError
-from mnist_lab.report import SWEEP_FILE, record_failure, recorded_sweep_keys, write_report
-from mnist_lab.resume import CONFIG_FILE, LAST_CHECKPOINT, Interrupted
-from mnist_lab.train import check_multirun_strategy, run, threads_per_job
+import mnist_lab  # noqa: F401  registers the resolvers that conf/train.yaml uses
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    # torch and Lightning take seconds to import: only now, so that --help and a mistyped option
+    # (which Hydra answers before calling main) answer at once.
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import InstantiationException
+    from hydra.types import RunMode
+
+    from mnist_lab.errors import InputError
+    from mnist_lab.report import SWEEP_FILE, record_failure, recorded_sweep_keys, write_report
+    from mnist_lab.resume import CONFIG_FILE, LAST_CHECKPOINT, Interrupted
+    from mnist_lab.train import check_multirun_strategy, run, threads_per_job
+
     hydra_cfg = HydraConfig.get()
     if threads := threads_per_job(hydra_cfg):
         torch.set_num_threads(threads)

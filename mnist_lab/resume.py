@@ -21,10 +21,6 @@ CONFIG_FILE = Path(".hydra") / "config.yaml"
 LOCK_FILE = ".lock"
 _held_locks: list[IO[str]] = []  # open for the life of the process: the lock goes with it, even on SIGKILL
 
-# conf/train.yaml: resume=<folder> makes that folder the run's, and keeps its .hydra/ as it was.
-OmegaConf.register_new_resolver("mnist_lab.resume_or", lambda resume, new: resume or new)
-OmegaConf.register_new_resolver("mnist_lab.unless_resume", lambda resume, value: None if resume else value)
-
 
 class Interrupted(BaseException):
     """Training stopped by a signal (its last.ckpt, if any, is where to resume). A BaseException,
