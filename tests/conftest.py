@@ -2,6 +2,7 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,26 @@ def run_train(*args: str, cwd: Path | None = None, timeout: int = 180, env: dict
         [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd or ROOT, capture_output=True, text=True,
         timeout=timeout, env={**os.environ, **(env or {})},
     )
+
+
+def run_train_together(arg_lists: list[list[str]], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Run train.py once per argument list, all processes at the same time (their output goes to
+    files, so that none blocks on a full pipe while another is waited for)."""
+    started = []
+    for args in arg_lists:
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, stdout=out, stderr=err, text=True)
+        started.append((args, proc, out, err))
+    results = []
+    for args, proc, out, err in started:
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            proc.kill()
+        out.seek(0), err.seek(0)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read()))
+        out.close(), err.close()
+    return results
 
 
 @pytest.fixture(scope="session")

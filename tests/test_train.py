@@ -11,7 +11,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from mnist_lab.errors import InputError
 from mnist_lab.models import MLP, LeNet, SoftmaxRegression
 from mnist_lab.train import run
-from tests.conftest import ROOT, run_train, smoke_overrides
+from tests.conftest import ROOT, run_train, run_train_together, smoke_overrides
 
 MODELS = {"softmax": SoftmaxRegression, "mlp": MLP, "lenet": LeNet}
 
@@ -155,15 +155,25 @@ BAD_INPUT = [
 ]
 
 
+@pytest.fixture(scope="module")
+def bad_input_results(synthetic_dir, tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """Each BAD_INPUT override given to train.py, in a process of its own; all started at once."""
+    root = tmp_path_factory.mktemp("bad_input")
+    run_dirs = {override: root / str(i) / "run" for i, (override, _) in enumerate(BAD_INPUT)}
+    results = run_train_together([[*smoke_overrides(synthetic_dir), f"hydra.run.dir={run_dir}", override]
+                                  for override, run_dir in run_dirs.items()])
+    return {override: (run_dir, result) for (override, run_dir), result in zip(run_dirs.items(), results)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("override, message", BAD_INPUT, ids=[o for o, _ in BAD_INPUT])
-def test_bad_input_gets_one_clear_message(override, message, synthetic_dir, tmp_path):
-    result = run_train(*smoke_overrides(synthetic_dir), f"hydra.run.dir={tmp_path / 'run'}", override)
+def test_bad_input_gets_one_clear_message(override, message, bad_input_results):
+    run_dir, result = bad_input_results[override]
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and message in errors[0]
-    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training
+    assert not (run_dir / "checkpoints").exists()  # refused before any training
 
 
 @pytest.mark.slow
