@@ -13,6 +13,7 @@ from typing import IO, Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Checkpoint
 
 from mnist_lab.errors import InputError
 
@@ -35,10 +36,14 @@ class Interrupted(BaseException):
         return 128 + signal.Signals[self.signal_name].value  # the shell's convention: 130, 143
 
 
-class TrainingState(pl.Callback):
+class TrainingState(Checkpoint):
     """Writes last.ckpt at the end of every epoch, with the rest of what a resumed run needs to
     match an uninterrupted one (the global random generators, the TensorBoard run's name), and
     stops on SIGINT/SIGTERM at the end of the current training batch with a checkpoint of that point.
+
+    A Checkpoint, so that Lightning calls it after the ModelCheckpoint given before it, which saves
+    the best checkpoint at the end of the training epoch too: last.ckpt then knows that epoch's
+    best, and a resumed run tests the same checkpoint as an uninterrupted one.
 
     Lightning itself sets `trainer.received_sigterm` on SIGTERM; `signal_name` is set by
     `stop_on_signals`. A second Ctrl-C stops at once, without a checkpoint.
@@ -54,11 +59,11 @@ class TrainingState(pl.Callback):
         if trainer.logger is not None:
             self.logger_version = trainer.logger.version
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # ModelCheckpoint(save_last=True) writes last.ckpt only when it saves a best checkpoint:
-        # at the end of every epoch, a killed run must find that epoch's state.
-        if trainer.state.fn == "fit" and not trainer.sanity_checking:
-            trainer.save_checkpoint(self.last_checkpoint, weights_only=False)  # the whole state, not the weights alone
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # At the end of every epoch, a killed run must find that epoch's state. ModelCheckpoint's own
+        # save_last is off (conf/callbacks): it writes last.ckpt only with a new best, and next to
+        # this file it would write last-v1.ckpt.
+        trainer.save_checkpoint(self.last_checkpoint, weights_only=False)  # the whole state, not the weights alone
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         stop = self.signal_name is not None or trainer.received_sigterm

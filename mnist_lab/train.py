@@ -49,28 +49,37 @@ class ProgressBar(TQDMProgressBar):
 
 
 class EpochTimer(pl.Callback):
-    """Wall time of each training epoch, validation excluded."""
+    """Wall time of each training epoch, validation excluded; kept whole across a stop and resume."""
 
     def __init__(self) -> None:
         self.epoch_times: list[float] = []
         self.earlier_fit_time = 0.0  # before the run was stopped and resumed
+        self._earlier_epoch_time = 0.0  # of the epoch that a run stopped in its middle goes on with
+        self._start, self._in_validation, self._in_epoch = time.perf_counter(), 0.0, False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_start = time.perf_counter()
-        self.on_train_epoch_start(trainer, pl_module)  # a run resumed mid-epoch starts there
+        # Lightning calls no on_train_epoch_start for the epoch that a resumed run goes on with.
+        self._start, self._in_validation = self._fit_start - self._earlier_epoch_time, 0.0
+        self._in_epoch = True
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start, self._in_validation = time.perf_counter(), 0.0
+        self._start, self._in_validation, self._in_epoch = time.perf_counter(), 0.0, True
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._val_start = time.perf_counter()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+        if trainer.state.fn == "fit":  # the sanity check included: a resumed epoch runs one
             self._in_validation += time.perf_counter() - self._val_start
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.epoch_times.append(time.perf_counter() - self._start - self._in_validation)
+        self.epoch_times.append(self._epoch_time)
+        self._in_epoch = False
+
+    @property
+    def _epoch_time(self) -> float:
+        return time.perf_counter() - self._start - self._in_validation
 
     @property
     def fit_time(self) -> float:
@@ -78,10 +87,12 @@ class EpochTimer(pl.Callback):
         return self.earlier_fit_time + time.perf_counter() - self._fit_start
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch_times": self.epoch_times, "fit_time": self.fit_time}
+        epoch_time = self._epoch_time if self._in_epoch else 0.0  # a checkpoint in the middle of an epoch
+        return {"epoch_times": self.epoch_times, "fit_time": self.fit_time, "epoch_time": epoch_time}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epoch_times, self.earlier_fit_time = list(state_dict["epoch_times"]), state_dict["fit_time"]
+        self._earlier_epoch_time = state_dict.get("epoch_time", 0.0)  # checkpoints from before it was kept
 
 
 def ensure_writable(folder: Path) -> None:
@@ -253,13 +264,17 @@ def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swe
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")  # data.augment stays plain data
     model = instantiate(cfg.model, optimizer=cfg.optimizer, scheduler=cfg.scheduler, _recursive_=False, _convert_="all")
-    logger_kwargs = logger_run(out_dir, swept, overrides, resume_from)
-    logger = instantiate(cfg.logger, save_dir=str(out_dir), **logger_kwargs)
     timer, state = EpochTimer(), TrainingState(out_dir / LAST_CHECKPOINT)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [timer, state]
-    for callback in callbacks:
-        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
-            callback.dirpath = str(out_dir / "checkpoints")  # not under the logger's run name
+    best = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+    if best is None:
+        raise InputError(
+            "callbacks.checkpoint=null leaves no best checkpoint to test: keep callbacks.checkpoint (drop that override)"
+        )
+    if best.dirpath is None:
+        best.dirpath = str(out_dir / "checkpoints")  # not under the logger's run name
+    logger_kwargs = logger_run(out_dir, swept, overrides, resume_from)
+    logger = instantiate(cfg.logger, save_dir=str(out_dir), **logger_kwargs)
     trainer: pl.Trainer = instantiate(cfg.trainer, default_root_dir=str(out_dir), logger=logger, callbacks=callbacks)
 
     # Data errors surface in prepare_data/setup, before the first training step.
@@ -268,14 +283,14 @@ def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swe
             trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
             # Read now: testing the best checkpoint restores the callbacks' state as it was then.
             fit_time, epoch_times = timer.fit_time, list(timer.epoch_times)
-            (test,) = trainer.test(model, datamodule=datamodule, ckpt_path="best", verbose=False, weights_only=True)
+            (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=best.best_model_path, verbose=False,
+                                   weights_only=True)
     except (Interrupted, SIGTERMException) as e:
         stopped = e if isinstance(e, Interrupted) else Interrupted("SIGTERM")
         if trainer.is_global_zero:
             record_interruption(out_dir, stopped, trainer.global_step)
         raise stopped from None
 
-    best = trainer.checkpoint_callback
     metrics = {
         "status": "ok",
         "val/acc": best.best_model_score.item(),

@@ -2,6 +2,7 @@
 and real signals (issue: reliability)."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -70,6 +71,10 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     """Same test metrics, and the same training curve in one TensorBoard run: no step twice."""
     ours, theirs = metrics(run_dir), metrics(reference)
     assert ours["status"] == "ok" and ours["epochs"] == theirs["epochs"] == 2
+    assert len(ours["epoch_train_time_s"]) == 2  # the stopped epoch's time carried over, not lost
+    # the same best checkpoint tested, and no stale or second "last" file beside it
+    assert ours["best_checkpoint"] == theirs["best_checkpoint"]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == sorted(os.listdir(reference / "checkpoints"))
     assert (ours["test/acc"], ours["test/loss"]) == (theirs["test/acc"], theirs["test/loss"])
     assert scalars(run_dir, "train/loss") == scalars(reference, "train/loss")
     assert scalars(run_dir, "val/acc") == scalars(reference, "val/acc")
@@ -116,6 +121,40 @@ def test_sigkill_mid_epoch_then_the_same_command_resumes_from_the_epoch_boundary
     assert metrics(run_dir)["resumed_from_step"] == BATCHES  # the end of epoch 0
     # The steps the killed process logged after that checkpoint are dropped, then trained again.
     assert_same_run(run_dir, uninterrupted)
+
+
+def test_the_stopped_epoch_keeps_its_time_before_the_stop(monkeypatch):
+    """EpochTimer on a made-up clock: the epoch a run is stopped in counts its training time before
+    the stop and after the resume; validation, the resumed run's sanity check included, does not."""
+    from types import SimpleNamespace
+
+    from mnist_lab.train import EpochTimer
+
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr("mnist_lab.train.time", SimpleNamespace(perf_counter=lambda: clock.now))
+    trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"))
+
+    def at(t: float, timer: EpochTimer, *hooks: str) -> None:
+        clock.now = t
+        for hook in hooks:
+            getattr(timer, hook)(trainer, None)
+
+    first = EpochTimer()
+    at(0, first, "on_fit_start", "on_train_epoch_start")
+    at(10, first, "on_train_epoch_end", "on_train_epoch_start")
+    at(12, first, "on_validation_start")
+    at(13, first, "on_validation_end")
+    clock.now = 15  # stopped: 4 s of epoch 1 trained
+    saved = first.state_dict()
+    assert saved["epoch_times"] == [10] and saved["epoch_time"] == 4 and saved["fit_time"] == 15
+
+    resumed = EpochTimer()
+    resumed.load_state_dict(saved)
+    at(100, resumed, "on_fit_start", "on_validation_start")
+    at(102, resumed, "on_validation_end")
+    at(108, resumed, "on_train_epoch_end")
+    assert resumed.epoch_times == [10, 10] and resumed.fit_time == 23
+    assert resumed.state_dict()["epoch_time"] == 0  # a checkpoint at the end of an epoch
 
 
 @pytest.fixture(scope="module")

@@ -44,8 +44,9 @@ def test_smoke_run_writes_metrics_checkpoints_and_events(name, smoke_runs):
     assert {"val/acc", "test/acc", "test/loss", "epochs", "fit_time_s", "epoch_train_time_s"} <= saved.keys()
     assert saved["epochs"] == 2 and len(saved["epoch_train_time_s"]) == 2
     assert 0 <= saved["val/acc"] <= 1 and 0 <= saved["test/acc"] <= 1
-    assert (out_dir / "checkpoints" / "last.ckpt").exists()
-    assert (out_dir / saved["best_checkpoint"]).exists()
+    # the best checkpoint and last.ckpt, nothing else (no last-v1.ckpt)
+    assert {p.relative_to(out_dir) for p in (out_dir / "checkpoints").iterdir()} == {
+        Path(saved["best_checkpoint"]), Path("checkpoints/last.ckpt")}
     assert list(out_dir.glob("events.out.tfevents.*"))
     assert (out_dir / "curves.png").stat().st_size > 1000
 
@@ -152,6 +153,7 @@ BAD_INPUT = [
     ("data.val_size=300", "data.val_size=300 leaves no training images"),
     ("hydra.run.dir=/proc/mnist_lab_run", "cannot write to the output folder /proc/mnist_lab_run"),
     ("+trainer.strategy=ddp_spawn", "trainer.strategy=ddp_spawn is not supported"),
+    ("callbacks.checkpoint=null", "callbacks.checkpoint=null leaves no best checkpoint to test"),
 ]
 
 
