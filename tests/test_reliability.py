@@ -275,6 +275,25 @@ def test_ddp_inside_a_local_sweep_is_refused_before_any_job(synthetic_dir, tmp_p
     assert not list(sweep.glob("*/metrics.json"))
 
 
+def test_ddp_test_figures_show_the_most_confident_mistakes_of_every_process():
+    from mnist_lab.figures import gather_mistakes
+
+    def mistakes(predicted: list[int], confidence: list[float]):
+        n = len(predicted)
+        return torch.rand(n, 1, 28, 28), torch.tensor(predicted), torch.tensor(predicted) % 10, torch.tensor(confidence)
+
+    ours = mistakes([10, 11], [0.9, 0.5])  # this process found 2 mistakes; the other 4 (its top 4)
+    theirs = iter(mistakes([20, 21, 22, 23], [0.95, 0.7, 0.6, 0.1]))
+
+    def all_gather(tensor):  # what torch.distributed gives this process: every process's tensor, stacked
+        return torch.stack([tensor, next(theirs)])
+
+    images, predicted, labels, confidence = gather_mistakes(ours, 4, all_gather)
+    assert predicted.tolist() == [20, 10, 21, 22] and labels.tolist() == [0, 0, 1, 2]
+    assert confidence.tolist() == pytest.approx([0.95, 0.9, 0.7, 0.6])
+    assert torch.equal(images[1], ours[0][0])  # each image stays with its own prediction
+
+
 @pytest.mark.slow
 def test_ddp_cpu_trains_in_two_processes_within_0_3_points_of_one(real_checkpoint, real_data_dir, tmp_path):
     """One epoch of LeNet-5 in 2 processes of 32 images a batch (a global batch of 64, as in one
