@@ -91,16 +91,19 @@ def run_train_together(arg_lists: list[list[str]], timeout: int = 300) -> list[s
     """Run train.py once per argument list, all processes at the same time (their output goes to
     files, so that none blocks on a full pipe while another is waited for)."""
     started = []
-    for args in arg_lists:
-        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, stdout=out, stderr=err, text=True)
-        started.append((args, proc, out, err))
-    results = []
-    for args, proc, out, err in started:
-        try:
+    try:
+        for args in arg_lists:
+            out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+            proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, stdout=out, stderr=err,
+                                    text=True)
+            started.append((proc, out, err))
+        for proc, _, _ in started:
             proc.wait(timeout=timeout)
-        finally:
+    finally:  # none left running, whatever failed
+        for proc, _, _ in started:
             proc.kill()
+    results = []
+    for proc, out, err in started:
         out.seek(0), err.seek(0)
         results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read()))
         out.close(), err.close()
