@@ -32,13 +32,13 @@ def main(cfg: DictConfig) -> float:
     overrides = list(hydra_cfg.overrides.task)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if cfg.resume:  # the run's own settings, as it was started
-        cfg, overrides = OmegaConf.load(out_dir / CONFIG_FILE), list(OmegaConf.load(out_dir / ".hydra" / "overrides.yaml"))
+        cfg, overrides = OmegaConf.load(out_dir / CONFIG_FILE), list(OmegaConf.load(out_dir / CONFIG_FILE.parent / "overrides.yaml"))
     # A stopped run's folder, given again (resume=, or the same hydra.run.dir): it goes on.
     resume_from = out_dir / LAST_CHECKPOINT if (out_dir / LAST_CHECKPOINT).is_file() else None
     # In a sweep, the TensorBoard run is named by the swept values: lr=0.01,batch_size=64.
     swept = recorded_sweep_keys(hydra_cfg.sweep.dir) if multirun else []
     try:
-        if multirun:
+        if multirun:  # again for each job: a swept trainer (trainer=cpu,ddp_cpu) is not in the sweep's config
             check_multirun_strategy(cfg, hydra_cfg.launcher.get("_target_"))
         metrics = run(cfg, out_dir, overrides, swept, resume_from)
     except Interrupted as e:

@@ -27,7 +27,7 @@ from mnist_lab.augment import affine
 from mnist_lab.checkpoint import load_checkpoint
 from mnist_lab.data import MNISTDataModule, normalize
 from mnist_lab.errors import InputError
-from mnist_lab.figures import confusion_figure, mistakes_figure
+from mnist_lab.figures import confusion_figure, mistakes_figure, most_confident
 from mnist_lab.train import ensure_writable
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,10 +92,10 @@ def robustness(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
 
 def misclassified_figure(images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, count: int = 32) -> Figure:
     """The most confidently wrong digits, most confident first."""
-    confidence, predicted = logits.softmax(1).max(1)
-    wrong = (predicted != labels.to(predicted.device)).nonzero().flatten()
-    top = wrong[confidence[wrong].argsort(descending=True)][:count].cpu()
-    return mistakes_figure(images[top], predicted.cpu()[top], labels[top], confidence.cpu()[top])
+    confidence, predicted = (t.cpu() for t in logits.softmax(1).max(1))
+    labels = labels.cpu()
+    wrong = predicted != labels
+    return mistakes_figure(*most_confident((images[wrong], predicted[wrong], labels[wrong], confidence[wrong]), count))
 
 
 def robustness_figure(accuracy: dict[str, float]) -> Figure:
