@@ -45,8 +45,9 @@ class TrainingState(Checkpoint):
     the best checkpoint at the end of the training epoch too: last.ckpt then knows that epoch's
     best, and a resumed run tests the same checkpoint as an uninterrupted one.
 
-    Lightning itself sets `trainer.received_sigterm` on SIGTERM; `signal_name` is set by
-    `stop_on_signals`. A second Ctrl-C stops at once, without a checkpoint.
+    Lightning itself sets `trainer.received_sigterm` on SIGTERM; `stop_signal` is called by
+    `stop_on_signals`. A second Ctrl-C stops at once, without a checkpoint. In one process its
+    per-step hooks are off until a signal arrives: a training step then costs nothing here.
     """
 
     def __init__(self, last_checkpoint: Path) -> None:
@@ -58,6 +59,22 @@ class TrainingState(Checkpoint):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.logger is not None:
             self.logger_version = trainer.logger.version
+        if trainer.world_size == 1:  # DDP's processes must agree on the stopping batch at every step
+            self._watch_steps(self.signal_name is not None or trainer.received_sigterm)
+
+    def stop_signal(self, signal_name: str) -> None:
+        """Stop at the end of the current training batch, with a checkpoint of that point."""
+        self.signal_name = signal_name
+        self._watch_steps(True)
+
+    def _watch_steps(self, on: bool) -> None:
+        for hook in ("on_train_batch_start", "on_train_batch_end"):
+            if on:
+                self.__dict__.pop(hook, None)  # the methods below again
+            else:
+                setattr(self, hook, None)  # skipped by Lightning (mnist_lab.callbacks.skip_idle_step_hooks)
+        if not on and self.signal_name is not None:  # a signal in between
+            self._watch_steps(True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # At the end of every epoch, a killed run must find that epoch's state. ModelCheckpoint's own
@@ -102,7 +119,7 @@ def stop_on_signals(state: TrainingState) -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and state.signal_name == "SIGINT":
             raise KeyboardInterrupt
-        state.signal_name = signal.Signals(signum).name
+        state.stop_signal(signal.Signals(signum).name)
 
     try:
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -4,7 +4,6 @@ import json
 import logging
 import os
 import sys
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,13 +15,15 @@ from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 from torch.utils.tensorboard.summary import hparams
 
+# ProgressBar too: the .hydra/config.yaml of a run started before it moved names mnist_lab.train.ProgressBar.
+from mnist_lab.callbacks import EpochTimer, ProgressBar, skip_idle_step_hooks  # noqa: F401
 from mnist_lab.errors import InputError
 from mnist_lab.figures import plot_curves
 from mnist_lab.report import SWEEP_FILE, run_name
@@ -36,63 +37,6 @@ logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda reco
 
 # The metrics of TensorBoard's HPARAMS tab, in its column order: scalar tags, at their last value.
 HPARAM_METRICS = ("val/acc", "test/acc", "test/loss", "val/acc_best", "val/loss")
-
-
-class ProgressBar(TQDMProgressBar):
-    """Lightning's tqdm bar without `v_num`, which shows the last four characters of the logger's
-    version: a fragment of the run name here ("v_num==0.4"), not a number."""
-
-    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)
-        return metrics
-
-
-class EpochTimer(pl.Callback):
-    """Wall time of each training epoch, validation excluded; kept whole across a stop and resume."""
-
-    def __init__(self) -> None:
-        self.epoch_times: list[float] = []
-        self.earlier_fit_time = 0.0  # before the run was stopped and resumed
-        self._earlier_epoch_time = 0.0  # of the epoch that a run stopped in its middle goes on with
-        self._start, self._in_validation, self._in_epoch = time.perf_counter(), 0.0, False
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._fit_start = time.perf_counter()
-        # Lightning calls no on_train_epoch_start for the epoch that a resumed run goes on with.
-        self._start, self._in_validation = self._fit_start - self._earlier_epoch_time, 0.0
-        self._in_epoch = True
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start, self._in_validation, self._in_epoch = time.perf_counter(), 0.0, True
-
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._val_start = time.perf_counter()
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn == "fit":  # the sanity check included: a resumed epoch runs one
-            self._in_validation += time.perf_counter() - self._val_start
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.epoch_times.append(self._epoch_time)
-        self._in_epoch = False
-
-    @property
-    def _epoch_time(self) -> float:
-        return time.perf_counter() - self._start - self._in_validation
-
-    @property
-    def fit_time(self) -> float:
-        """Seconds in trainer.fit, over every session of a resumed run."""
-        return self.earlier_fit_time + time.perf_counter() - self._fit_start
-
-    def state_dict(self) -> dict[str, Any]:
-        epoch_time = self._epoch_time if self._in_epoch else 0.0  # a checkpoint in the middle of an epoch
-        return {"epoch_times": self.epoch_times, "fit_time": self.fit_time, "epoch_time": epoch_time}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.epoch_times, self.earlier_fit_time = list(state_dict["epoch_times"]), state_dict["fit_time"]
-        self._earlier_epoch_time = state_dict.get("epoch_time", 0.0)  # checkpoints from before it was kept
 
 
 def ensure_writable(folder: Path) -> None:
@@ -273,6 +217,7 @@ def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swe
         )
     if best.dirpath is None:
         best.dirpath = str(out_dir / "checkpoints")  # not under the logger's run name
+    skip_idle_step_hooks(callbacks)
     logger_kwargs = logger_run(out_dir, swept, overrides, resume_from)
     logger = instantiate(cfg.logger, save_dir=str(out_dir), **logger_kwargs)
     trainer: pl.Trainer = instantiate(cfg.trainer, default_root_dir=str(out_dir), logger=logger, callbacks=callbacks)

@@ -77,6 +77,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert sorted(os.listdir(run_dir / "checkpoints")) == sorted(os.listdir(reference / "checkpoints"))
     assert (ours["test/acc"], ours["test/loss"]) == (theirs["test/acc"], theirs["test/loss"])
     assert scalars(run_dir, "train/loss") == scalars(reference, "train/loss")
+    assert scalars(run_dir, "train/acc") == scalars(reference, "train/acc")  # the stopped epoch's counts carried over
     assert scalars(run_dir, "val/acc") == scalars(reference, "val/acc")
     event_dirs = {path.parent for path in run_dir.rglob("events.out.tfevents.*")}
     assert event_dirs == {run_dir}  # one TensorBoard run, not a second one for the resumed part
@@ -128,10 +129,10 @@ def test_the_stopped_epoch_keeps_its_time_before_the_stop(monkeypatch):
     the stop and after the resume; validation, the resumed run's sanity check included, does not."""
     from types import SimpleNamespace
 
-    from mnist_lab.train import EpochTimer
+    from mnist_lab.callbacks import EpochTimer
 
     clock = SimpleNamespace(now=0.0)
-    monkeypatch.setattr("mnist_lab.train.time", SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr("mnist_lab.callbacks.time", SimpleNamespace(perf_counter=lambda: clock.now))
     trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"))
 
     def at(t: float, timer: EpochTimer, *hooks: str) -> None:

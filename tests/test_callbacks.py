@@ -1,0 +1,89 @@
+"""The training step stays free of callbacks with nothing to do on it (issue: framework cost)."""
+
+import pytorch_lightning as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from mnist_lab.callbacks import STEP_HOOKS, EpochTimer, ProgressBar, acts_on_steps, skip_idle_step_hooks
+from mnist_lab.resume import TrainingState
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 2)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.layer(x), y)
+        self.log("loss", loss)  # for ModelCheckpoint's monitor
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit(callbacks, tmp_path, steps: int = 6) -> pl.Trainer:
+    data = TensorDataset(torch.randn(steps * 2, 4), torch.randint(0, 2, (steps * 2,)))
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks)
+    trainer.fit(Tiny(), DataLoader(data, batch_size=2))
+    return trainer
+
+
+def test_lightning_skips_the_hooks_set_to_none(tmp_path, monkeypatch):
+    """The private behaviour skip_idle_step_hooks relies on: Lightning's dispatcher calls only
+    callable hooks. If Lightning calls the class's hook instead, or None, this fails."""
+    calls = []
+
+    class EpochOnly(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            calls.append("on_train_epoch_end")
+
+    for hook in STEP_HOOKS:  # the base class's no-ops, counted for EpochOnly
+        monkeypatch.setattr(pl.Callback, hook,
+                            lambda self, *args, _hook=hook: calls.append(_hook) if isinstance(self, EpochOnly) else None)
+
+    fit([EpochOnly()], tmp_path)  # hooks not set to None: Lightning visits all six at each of 6 steps
+    assert len(calls) == 6 * 6 + 1 and calls.count("on_before_backward") == 6
+    calls.clear()
+    callback = EpochOnly()
+    skip_idle_step_hooks([callback])
+    fit([callback], tmp_path)
+    assert calls == ["on_train_epoch_end"]
+
+
+def test_which_hooks_are_idle(tmp_path):
+    by_epoch = ModelCheckpoint(dirpath=tmp_path, monitor="loss")
+    by_steps = ModelCheckpoint(dirpath=tmp_path, monitor="loss", every_n_train_steps=10)
+    assert not acts_on_steps(by_epoch, "on_train_batch_end") and acts_on_steps(by_steps, "on_train_batch_end")
+    assert acts_on_steps(LearningRateMonitor(), "on_train_batch_start")  # it logs on the logging steps
+    assert acts_on_steps(ProgressBar(), "on_train_batch_end")
+    assert not any(acts_on_steps(EpochTimer(), hook) for hook in STEP_HOOKS)
+    skip_idle_step_hooks([by_epoch, by_steps])
+    assert by_epoch.on_train_batch_end is None and by_steps.on_train_batch_end is not None
+    assert by_epoch.on_train_epoch_end is not None  # epoch hooks untouched
+
+
+def test_a_checkpoint_every_n_steps_still_saves(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, monitor="loss")
+    skip_idle_step_hooks([checkpoint])
+    fit([checkpoint], tmp_path)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt"]
+
+
+@pytest.mark.parametrize("signal_first", [False, True])
+def test_training_state_watches_steps_only_once_a_signal_arrives(signal_first, tmp_path):
+    state = TrainingState(tmp_path / "last.ckpt")
+    trainer = type("T", (), {"logger": None, "world_size": 1, "received_sigterm": False})()
+    if signal_first:  # a signal before training started
+        state.stop_signal("SIGINT")
+    state.on_fit_start(trainer, None)
+    assert (state.on_train_batch_end is None) is not signal_first
+    state.stop_signal("SIGTERM")
+    assert state.on_train_batch_end is not None and state.on_train_batch_start is not None
+    assert state.signal_name == "SIGTERM"
