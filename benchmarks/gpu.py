@@ -16,6 +16,7 @@ code on the CPU, to check the script where there is no GPU.
 """
 
 import argparse
+import itertools
 import logging
 import os
 import statistics
@@ -31,6 +32,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from epoch_time import test_accuracy, time_to  # the CPU benchmark beside this file
+from mnist_lab.data import BatchIndices
 from mnist_lab.train import run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -87,12 +89,16 @@ def plain_loop(cfg, datamodule, epochs: int, device: torch.device) -> tuple[list
         optimizer, max_lr=cfg.optimizer.lr, total_steps=epochs * steps, pct_start=cfg.scheduler.pct_start,
         cycle_momentum=cfg.scheduler.cycle_momentum,
     )
-    generator = torch.Generator(device).manual_seed(cfg.seed)
+    # mnist_lab's batch order: the data module's sampler on a CPU generator seeded as it seeds its
+    # own, each index batch moved to the device as its in-memory dataset does. Both arms then train
+    # on the same batches in the same order, on a GPU as on the CPU.
+    batches = BatchIndices(len(labels), batch_size, torch.Generator().manual_seed(cfg.data.seed))
     times, accuracies = [], []
     for _ in range(epochs):
         synchronize(device)
         start = time.perf_counter()
-        for idx in torch.randperm(len(labels), device=device, generator=generator).split(batch_size)[:steps]:
+        for idx in itertools.islice(batches, steps):
+            idx = idx.to(device, non_blocking=True)
             x, y = datamodule.on_after_batch_transfer([images.index_select(0, idx), labels.index_select(0, idx)], 0)
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,178 @@
+"""What a run costs besides training: a one-batch run of train.py, phase by phase, next to
+`python -c "import pytorch_lightning"`, measured side by side in one run.
+
+    python benchmarks/fixed_cost.py [--repeats 3] [--data-dir DIR] [OVERRIDE ...]
+
+Each repeat starts four processes one after the other: `import pytorch_lightning` alone, the
+same import with `gc.freeze()` at exit (as train.py ends: it skips the last garbage collections,
+which walk every object torch and Lightning made), `python train.py --help`, and the one-batch run
+
+    python train.py model=lenet trainer.max_epochs=1 +trainer.limit_train_batches=1 [OVERRIDE ...]
+
+(every output written: metrics.json, curves.png, checkpoints, TensorBoard events). The run is
+started through this script (--child), which times the run's phases from outside: it wraps a
+few functions of Lightning and mnist_lab with timers that count each one's own time, less that
+of the timed calls inside it, and leaves train.py and its config untouched. Prints the median
+wall time of each process, what mnist_lab adds beyond Lightning's import (run - import), and
+the median of each phase.
+"""
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ONE_BATCH = ["model=lenet", "trainer.max_epochs=1", "+trainer.limit_train_batches=1"]
+
+# (module, attribute path, phase): the phase a call's own time counts to. Evaluation loops are
+# told apart by the trainer's state when they run.
+PROBES = [
+    ("mnist_lab.data", "MNISTDataModule.prepare_data", "data: find, check and hash the files"),
+    ("mnist_lab.data", "MNISTDataModule.setup", "data: read and split"),
+    ("pytorch_lightning", "Trainer.__init__", "build the Trainer"),
+    ("pytorch_lightning.loops.training_epoch_loop", "_TrainingEpochLoop.run", "training (one batch)"),
+    ("pytorch_lightning.loops.evaluation_loop", "_EvaluationLoop.run", None),
+    ("pytorch_lightning", "Trainer.save_checkpoint", "checkpoints (best and last.ckpt)"),
+    ("pytorch_lightning.trainer.connectors.checkpoint_connector", "_CheckpointConnector.resume_start",
+     "load the best checkpoint for test"),
+    ("mnist_lab.figures", "TestFigures.on_test_epoch_end", "test figures (TensorBoard images)"),
+    ("mnist_lab.train", "log_hparams", "HPARAMS"),
+    ("mnist_lab.train", "plot_curves", "curves.png"),
+]
+
+
+class Phases:
+    """Exclusive time per phase: a timed call's time, less that of the timed calls it makes."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._stack: list[float] = []  # time spent in timed calls nested in each open call
+
+    def wrap(self, fn, phase):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            label = phase or evaluation_phase(args[0])
+            self._stack.append(0.0)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - start
+                nested = self._stack.pop()
+                self.seconds[label] = self.seconds.get(label, 0.0) + elapsed - nested
+                if self._stack:
+                    self._stack[-1] += elapsed
+
+        return timed
+
+    def add(self, label: str, seconds: float) -> None:
+        self.seconds[label] = self.seconds.get(label, 0.0) + seconds
+
+
+def evaluation_phase(loop) -> str:
+    trainer = loop.trainer
+    if trainer.sanity_checking:
+        return "sanity validation"
+    return "test loop" if trainer.testing else "validation"
+
+
+def child(overrides: list[str], report: Path) -> None:
+    """Run train.py in this process with the probes in place; write the phases to `report`."""
+    import importlib
+    import runpy
+
+    started = float(os.environ["FIXED_COST_T0"])
+    phases = Phases()
+    phases.add("python start", time.time() - started)
+    mark = time.perf_counter()
+    sys.argv = [str(ROOT / "train.py"), *overrides]
+    sys.path.insert(0, str(ROOT))
+    for module_name, path, phase in PROBES:
+        owner = importlib.import_module(module_name)
+        *parents, name = path.split(".")
+        for parent in parents:
+            owner = getattr(owner, parent)
+        setattr(owner, name, phases.wrap(getattr(owner, name), phase))
+    phases.add("imports (torch, Lightning, mnist_lab)", time.perf_counter() - mark)
+    mark = time.perf_counter()
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    probed = sum(seconds for label, seconds in phases.seconds.items() if label not in ("python start",)
+                 and not label.startswith("imports"))
+    phases.add("everything else (Hydra, config, Lightning's set-up, logging)", time.perf_counter() - mark - probed)
+    report.write_text(json.dumps(phases.seconds))
+
+
+def timed_process(args: list[str], env: dict, cwd: Path) -> float:
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"Error: {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def check_outputs(run_dir: Path) -> None:
+    """The run wrote everything a run writes; a cheaper run that skipped some would not count."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for path in (run_dir / metrics["best_checkpoint"], run_dir / "checkpoints" / "last.ckpt", run_dir / "curves.png"):
+        if not path.is_file():
+            raise SystemExit(f"Error: the run did not write {path}")
+    if metrics["status"] != "ok" or not list(run_dir.rglob("events.out.tfevents.*")):
+        raise SystemExit(f"Error: the run in {run_dir} did not finish with TensorBoard events")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for the run, e.g. model=softmax")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--data-dir", default=os.environ.get("MNIST_LAB_DATA", "data"))
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.overrides, args.child)
+
+    env = {**os.environ, "MNIST_LAB_DATA": args.data_dir}
+    walls: dict[str, list[float]] = {"import pytorch_lightning": [], "the same, gc.freeze() at exit": [],
+                                     "train.py --help": [], "one-batch run": []}
+    phases: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeats):
+            walls["import pytorch_lightning"].append(timed_process(["-c", "import pytorch_lightning"], env, ROOT))
+            walls["the same, gc.freeze() at exit"].append(timed_process(
+                ["-c", "import atexit, gc; atexit.register(gc.freeze); import pytorch_lightning"], env, ROOT))
+            walls["train.py --help"].append(timed_process(["train.py", "--help"], env, ROOT))
+            report = Path(tmp) / f"phases{i}.json"
+            run_args = [__file__, f"--child={report}", *ONE_BATCH, f"hydra.run.dir={tmp}/run{i}", *args.overrides]
+            walls["one-batch run"].append(timed_process(run_args, {**env, "FIXED_COST_T0": repr(time.time())}, ROOT))
+            phases.append(json.loads(report.read_text()))
+            phases[-1]["process exit"] = walls["one-batch run"][-1] - sum(phases[-1].values())
+            check_outputs(Path(tmp) / f"run{i}")
+    median = {name: statistics.median(times) for name, times in walls.items()}
+
+    import torch
+    import pytorch_lightning as pl
+
+    print(f"\n{' '.join(['train.py', *ONE_BATCH, *args.overrides])}: median of {args.repeats} repeats; "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}, pytorch-lightning {pl.__version__}")
+    for name, times in walls.items():
+        print(f"  {name:<31} {median[name]:6.2f} s   {[round(t, 2) for t in times]}")
+    print(f"mnist_lab adds {median['one-batch run'] - median['import pytorch_lightning']:.2f} s beyond Lightning's "
+          f"import (one-batch run - import pytorch_lightning), "
+          f"{median['one-batch run'] - median['the same, gc.freeze() at exit']:.2f} s beyond the import with gc.freeze()")
+    print("phases of the one-batch run (median seconds):")
+    for label in phases[0]:
+        print(f"  {statistics.median(p.get(label, 0.0) for p in phases):6.3f}  {label}")
+
+
+if __name__ == "__main__":
+    main()
