@@ -2,6 +2,8 @@
 
 python train.py resume=<run folder> continues a run that was stopped or killed."""
 
+import atexit
+import gc
 import sys
 from pathlib import Path
 
@@ -60,4 +62,7 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    # Python's last garbage collections, at exit, walk every object that torch and Lightning made:
+    # 1.1 s on a 2-core CPU. Frozen, they are skipped; atexit handlers still flush and close files.
+    atexit.register(gc.freeze)
     main()
