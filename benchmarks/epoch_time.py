@@ -39,7 +39,6 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from greenlet import greenlet
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torchvision import datasets, transforms
@@ -156,9 +155,11 @@ class LightningFloor(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": one_cycle(self.cfg, optimizer, self.total_steps), "interval": "step"}}
 
 
-def lightning_floor(cfg, datamodule, epochs: int, window: int) -> tuple[SideBySide, greenlet]:
+def lightning_floor(cfg, datamodule, epochs: int, window: int):
     """(a0), with no logger, callbacks, progress bar or validation, ready to run in a greenlet
     that hands back to its parent after each of its windows; its own plain loop beside it."""
+    from greenlet import greenlet  # here: gpu.py imports this module where greenlet is not installed
+
     parent = greenlet.getcurrent()
     side = SideBySide(PlainLoop(cfg, datamodule, epochs), window, parent.switch)
     trainer = pl.Trainer(

@@ -121,12 +121,14 @@ class BatchIndices(Sampler[torch.Tensor]):
     With `world_size` > 1 (DDP), process `rank` takes every world_size-th batch. Training batches
     (`even=True`) are cut to the same count on every process, as DDP's gradient sync requires.
     `skip` batches are left out of the first epoch only: a run resumed mid-epoch goes on from there.
+    `group` > 0 (the captured step's static shapes): full batches only, `group` of them at a time
+    as one (group, batch_size) tensor; `skip` then counts groups.
     """
 
     def __init__(self, size: int, batch_size: int, generator: torch.Generator | None = None, rank: int = 0,
-                 world_size: int = 1, even: bool = False, skip: int = 0) -> None:
+                 world_size: int = 1, even: bool = False, skip: int = 0, group: int = 0) -> None:
         self.size, self.batch_size, self.generator = size, batch_size, generator
-        self.rank, self.world_size, self.even, self.skip = rank, world_size, even, skip
+        self.rank, self.world_size, self.even, self.skip, self.group = rank, world_size, even, skip, group
         self.epoch_start_state = generator.get_state() if generator is not None else None
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -137,15 +139,34 @@ class BatchIndices(Sampler[torch.Tensor]):
         else:
             self.epoch_start_state = self.generator.get_state()  # what a mid-epoch checkpoint records
             order = torch.randperm(self.size, generator=self.generator)
-        batches = order.split(self.batch_size)[self.rank :: self.world_size][: len(self)]
+        batches = order.split(self.batch_size)[self.rank :: self.world_size][: self._batches()]
+        if self.group:
+            batches = [torch.stack(batches[i : i + self.group]) for i in range(0, len(self) * self.group, self.group)]
         skip, self.skip = self.skip, 0
         yield from batches[skip:]
 
-    def __len__(self) -> int:
-        batches = math.ceil(self.size / self.batch_size)
+    def _batches(self) -> int:
+        """Batches this process takes in an epoch."""
+        batches = self.size // self.batch_size if self.group else math.ceil(self.size / self.batch_size)
         if self.even:
             return batches // self.world_size
         return len(range(self.rank, batches, self.world_size))
+
+    def __len__(self) -> int:
+        return self._batches() // self.group if self.group else self._batches()
+
+
+class IndexBatches(Dataset):
+    """The index tensors themselves, on `device`: the captured step gathers its batches there."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.size, self.device = size, device
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        return index.to(self.device, non_blocking=True)
 
 
 class MNISTDataModule(pl.LightningDataModule):
@@ -154,6 +175,8 @@ class MNISTDataModule(pl.LightningDataModule):
     Batches are formed by indexing those tensors and normalized as a whole on the training device,
     so no per-sample transform runs in the hot path. Validation is a seeded hold-out of the training
     files; test is the official test file, never used for training or model selection.
+    `captured_steps` > 0 (compile=true): training batches are full batches only, handed over as
+    (captured_steps, batch_size) index tensors that the captured step gathers on the device itself.
     """
 
     def __init__(
@@ -173,6 +196,7 @@ class MNISTDataModule(pl.LightningDataModule):
         augment: dict | None = None,
         verify_checksums: bool = True,
         on_device: bool = False,
+        captured_steps: int = 0,
     ) -> None:
         super().__init__()
         for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("val_size", val_size)):
@@ -184,6 +208,8 @@ class MNISTDataModule(pl.LightningDataModule):
                 f"data.dataset={dataset!r} is not an MNIST-format dataset of torchvision.datasets: "
                 "use MNIST, FashionMNIST or KMNIST"
             )
+        if captured_steps and augment:
+            raise InputError("compile=true does not support data.augment yet: pass augment=none, or drop compile=true")
         if isinstance(augment, DictConfig):
             augment = OmegaConf.to_container(augment, resolve=True)
         if augment is not None and not isinstance(augment, dict):
@@ -249,6 +275,13 @@ class MNISTDataModule(pl.LightningDataModule):
                 )
             order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.hparams.split_seed))
             val, train = order[:val_size], order[val_size:]
+            steps, batch_size = self.hparams.captured_steps, self.hparams.batch_size
+            if steps and len(train) < steps * batch_size:
+                raise InputError(
+                    f"compile=true trains on whole replays of steps_per_replay={steps} full batches of {batch_size}, "
+                    f"{steps * batch_size} images, but there are {len(train)} training images: lower "
+                    "steps_per_replay or data.batch_size"
+                )
             self.train_set = InMemoryDataset(images[train], labels[train])
             self.val_set = InMemoryDataset(images[val], labels[val])
             # One generator for the whole fit: each epoch draws the next seeded permutation.
@@ -269,8 +302,11 @@ class MNISTDataModule(pl.LightningDataModule):
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         if train:
             skip, self._resume_at = self._resume_at, 0
-            batches = BatchIndices(len(dataset), batch_size, self.shuffle_generator, rank, world_size, even=True, skip=skip)
+            batches = BatchIndices(len(dataset), batch_size, self.shuffle_generator, rank, world_size, even=True, skip=skip,
+                                   group=self.hparams.captured_steps)
             self.train_batches = batches  # its epoch_start_state goes into checkpoints
+            if self.hparams.captured_steps:
+                dataset = IndexBatches(len(dataset), dataset.images.device)
         else:
             batches = BatchIndices(len(dataset), batch_size, rank=rank, world_size=world_size)
         # batch_size=None: each index tensor from the sampler fetches a whole batch, no collation.
@@ -330,7 +366,14 @@ class MNISTDataModule(pl.LightningDataModule):
         else:
             self.shuffle_generator.set_state(state["generator_state"])
 
-    def on_after_batch_transfer(self, batch: list[torch.Tensor], dataloader_idx: int) -> tuple[torch.Tensor, ...]:
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw 0-255 images as the model sees them."""
+        return normalize(images, self.hparams.mean, self.hparams.std)
+
+    def on_after_batch_transfer(self, batch: list[torch.Tensor] | torch.Tensor, dataloader_idx: int
+                                ) -> tuple[torch.Tensor, ...] | torch.Tensor:
+        if isinstance(batch, torch.Tensor):  # the captured step's training indices: it gathers them itself
+            return batch
         images, labels = batch
         images = images.float()
         if self.augment is not None and self.trainer is not None and self.trainer.training:

@@ -24,6 +24,7 @@ from torch.utils.tensorboard.summary import hparams
 
 # ProgressBar too: the .hydra/config.yaml of a run started before it moved names mnist_lab.train.ProgressBar.
 from mnist_lab.callbacks import EpochTimer, ProgressBar, skip_idle_step_hooks  # noqa: F401
+from mnist_lab.captured import CapturedSteps, check_capture
 from mnist_lab.errors import InputError
 from mnist_lab.figures import plot_curves
 from mnist_lab.report import SWEEP_FILE, run_name
@@ -159,6 +160,7 @@ def check_config(cfg: DictConfig) -> None:
             f"trainer.strategy={cfg.trainer.strategy} is not supported: it trains in processes of its own, where "
             "mnist_lab's callbacks (timing, checkpoints for resume, signals) do not reach. Use trainer=ddp or trainer=ddp_cpu"
         )
+    check_capture(cfg)
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         raise InputError("trainer=gpu, but PyTorch sees no CUDA GPU here: use trainer=cpu, or the default, which picks one")
 
@@ -206,8 +208,7 @@ def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swe
 
     log.info("torch uses %d CPU threads", torch.get_num_threads())
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")  # data.augment stays plain data
-    model = instantiate(cfg.model, optimizer=cfg.optimizer, scheduler=cfg.scheduler, _recursive_=False, _convert_="all")
+    datamodule, model = build(cfg)
     timer, state = EpochTimer(), TrainingState(out_dir / LAST_CHECKPOINT)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [timer, state]
     best = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
@@ -260,6 +261,22 @@ def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swe
         out_dir, 100 * metrics["test/acc"], 100 * metrics["val/acc"], metrics["epochs"], fit_time, logdir,
     )
     return metrics
+
+
+def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
+    """The data module and the model of a configuration; with compile=true, the captured step
+    between them, and the whole data set on the training device for it to gather from."""
+    captured = {"captured_steps": cfg.steps_per_replay, "on_device": True} if cfg.get("compile") else {}
+    datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all", **captured)  # data.augment stays plain data
+    model = instantiate(cfg.model, optimizer=cfg.optimizer, scheduler=cfg.scheduler, _recursive_=False, _convert_="all")
+    if captured:
+        train_set = lambda: (datamodule.train_set.images, datamodule.train_set.labels)  # noqa: E731  once set up
+        model.captured = CapturedSteps(model, train_set, datamodule.normalize, cfg.steps_per_replay)
+        # The captured step returns no loss for Lightning to step on (it has stepped), and the
+        # learning rate is a tensor, which LearningRateMonitor copies with torch.tensor: no warnings.
+        warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")
+        warnings.filterwarnings("ignore", "To copy construct from a tensor", module="pytorch_lightning.callbacks.lr_monitor")
+    return datamodule, model
 
 
 def logger_run(out_dir: Path, swept: Sequence[str], overrides: Sequence[str], resume_from: str | Path | None) -> dict[str, Any]:

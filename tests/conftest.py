@@ -57,15 +57,15 @@ def real_data_dir() -> Path:
     return Path(folder)
 
 
+def compose_train(*overrides: str):
+    """compose() the app config with overrides, as train.py would see it."""
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", list(overrides))
+
+
 @pytest.fixture
 def make_cfg():
-    """compose() the app config with overrides, as train.py would see it."""
-
-    def make(*overrides: str):
-        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-            return compose("train", list(overrides))
-
-    return make
+    return compose_train
 
 
 def smoke_overrides(data_dir: Path, *extra: str) -> list[str]:

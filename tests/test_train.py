@@ -154,6 +154,7 @@ BAD_INPUT = [
     ("hydra.run.dir=/proc/mnist_lab_run", "cannot write to the output folder /proc/mnist_lab_run"),
     ("+trainer.strategy=ddp_spawn", "trainer.strategy=ddp_spawn is not supported"),
     ("callbacks.checkpoint=null", "callbacks.checkpoint=null leaves no best checkpoint to test"),
+    ("steps_per_replay=4", "steps_per_replay=4 applies to the captured step only"),
 ]
 
 

@@ -1,7 +1,7 @@
 """The shared LightningModule: steps, loss, metrics, logging and optimizers for every architecture."""
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
@@ -12,6 +12,9 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from mnist_lab.errors import InputError
+
+if TYPE_CHECKING:
+    from mnist_lab.captured import CapturedSteps
 
 # Scheduler arguments that give the schedule's length; left null in config, the trainer fills them.
 SCHEDULE_LENGTH_ARGS = ("total_steps", "T_max")
@@ -51,15 +54,24 @@ class ImageClassifier(pl.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
+        self.captured: CapturedSteps | None = None  # compile=true: set by mnist_lab.train.run
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor] | torch.Tensor, batch_idx: int) -> torch.Tensor | None:
+        if self.captured is not None:  # compile=true: `batch` holds indices; the replay steps the optimizer
+            self._check_and_log(self.captured(batch))
+            return None  # nothing left for Lightning's optimizer step: it finds no gradients
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         self._train_outputs.append((logits.argmax(1), y))
+        self._check_and_log(loss)
+        return loss
+
+    def _check_and_log(self, loss: torch.Tensor) -> None:
+        """Stop a diverged run; write train/loss on the logging steps."""
         logging_step = (self.global_step + 1) % self.trainer.log_every_n_steps == 0
         # On CPU reading the loss is free: check every step (.item() costs a 30th of torch.isfinite).
         # On a GPU it would stall the queue of kernels, so check where the host reads the loss
@@ -75,7 +87,6 @@ class ImageClassifier(pl.LightningModule):
             # would join Lightning's results, which it goes through at every step: 30 us a step here.
             for logger in self.loggers:
                 logger.log_metrics({"train/loss": loss.item()}, step=self.global_step)
-        return loss
 
     def on_train_epoch_end(self) -> None:
         counts = self.trainer.strategy.reduce(self._epoch_train_counts(), reduce_op="sum")
@@ -142,7 +153,11 @@ class ImageClassifier(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         if self.hparams.optimizer is None:
             raise InputError(f"{type(self).__name__} was built without an optimizer: pass optimizer={{'_target_': ...}}")
-        optimizer = instantiate(self.hparams.optimizer, params=self.parameters())
+        options = {}
+        if self.captured is not None:  # the fused optimizer, reading a learning rate the graph can follow
+            options = self.captured.optimizer_options(self.hparams.optimizer["_target_"], self.hparams.optimizer["lr"],
+                                                      self.device)
+        optimizer = instantiate(self.hparams.optimizer, params=self.parameters(), **options)
         if self.hparams.scheduler is None:
             return {"optimizer": optimizer}
         scheduler = dict(self.hparams.scheduler)
