@@ -4,9 +4,10 @@
 
 (a) mnist_lab: `mnist_lab.train.run` with trainer=gpu and data.on_device=true (batches are
     index_selects on the GPU), the default callbacks and logger, plus any Hydra OVERRIDEs
-    (e.g. data.batch_size=512 optimizer.lr=0.2).
-(b) plain PyTorch: the same LeNet, optimizer and OneCycle schedule in a bare loop over the same
-    GPU tensors, normalized per batch as mnist_lab does.
+    (e.g. data.batch_size=512 optimizer.lr=0.2, or compile=true for the captured step).
+(b) plain PyTorch: the same LeNet, optimizer and OneCycle schedule in a bare, eager loop over
+    the same GPU tensors, normalized per batch as mnist_lab does, drawing the same batches in
+    the same order (mnist_lab's sampler, on a CPU generator seeded as the data module seeds it).
 
 Prints, for each: the training time of every epoch (validation and the test checks left out,
 the GPU synchronized at each epoch's end), images/s, test accuracy after each epoch and the

@@ -134,10 +134,12 @@ class CapturedSteps:
                 for _ in range(WARMUP_STEPS):
                     self._steps()
             torch.cuda.current_stream(device).wait_stream(side)
-        self._kept = [p.grad for p in self.model.parameters() if p.grad is not None]
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.loss = self._steps()
+        # Held from now on (not before: autograd adds into a gradient in place only while nothing
+        # else holds it): the replays write here after Lightning has set every .grad to None.
+        self._kept = [p.grad for p in self.model.parameters() if p.grad is not None]
 
     @contextmanager
     def undone(self) -> Iterator[None]:
