@@ -15,8 +15,8 @@ Shared machines drift by tens of percent within a minute, so the arms take turns
 --window steps: a window of (a), as many steps of (b), a window of (a0), as many steps of a
 second (b), and so on. Each ratio compares neighbouring windows. (a0) trains in a greenlet, a
 second Python stack in the same OS thread: in a second thread, its own OpenMP team would make
-every torch op of the first thread 3-4x slower on this 2-core machine. Validation and the test-accuracy checks after each epoch
-are left out of every time.
+every torch op of the first thread 3-4x slower on a 2-core machine. Validation and the
+test-accuracy checks after each epoch are left out of every time.
 
 Prints the per-epoch times, a/b, a0/b and c/a, microseconds per training step of each arm and
 the excess of (a) and of (a0) over (b) per step (with model=softmax, whose arithmetic is a few
@@ -111,7 +111,7 @@ class SideBySide(pl.Callback):
         self.plain_times: list[float] = []
         self.steps = 0
         self.accuracies: list[float] = []  # the Lightning training's, after each epoch
-        self.failure: list[BaseException] = []  # raised in its thread, to raise again in the main one
+        self.failure: list[BaseException] = []  # raised in its greenlet, to raise again after (a)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.lab_times.append(0.0)
