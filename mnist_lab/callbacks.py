@@ -31,12 +31,21 @@ def skip_idle_step_hooks(callbacks: Iterable[pl.Callback]) -> None:
     context, and the callback's `state_key`, which ModelCheckpoint rebuilds from its settings every
     time): 60 us a step for the default callbacks. Setting such a hook to None on the instance
     skips the visit, because Lightning's dispatcher (`pytorch_lightning.trainer.call.
-    _call_callback_hooks`) calls only callable hooks; tests/test_callbacks.py fails if that changes.
-    `del callback.<hook>` turns one back on."""
+    _call_callback_hooks`) calls only callable hooks; tests/test_callbacks.py fails if that changes."""
     for callback in callbacks:
-        for hook in STEP_HOOKS:
-            if not acts_on_steps(callback, hook):
-                setattr(callback, hook, None)
+        skip_hooks(callback, [hook for hook in STEP_HOOKS if not acts_on_steps(callback, hook)])
+
+
+def skip_hooks(callback: pl.Callback, hooks: Iterable[str]) -> None:
+    """Lightning no longer calls these hooks of `callback` (see skip_idle_step_hooks)."""
+    for hook in hooks:
+        setattr(callback, hook, None)
+
+
+def restore_hooks(callback: pl.Callback, hooks: Iterable[str]) -> None:
+    """Lightning calls these hooks of `callback` again: its class's methods."""
+    for hook in hooks:
+        callback.__dict__.pop(hook, None)
 
 
 class ProgressBar(TQDMProgressBar):

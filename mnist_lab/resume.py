@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Checkpoint
 
+from mnist_lab.callbacks import restore_hooks, skip_hooks
 from mnist_lab.errors import InputError
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
@@ -68,13 +69,11 @@ class TrainingState(Checkpoint):
         self._watch_steps(True)
 
     def _watch_steps(self, on: bool) -> None:
-        for hook in ("on_train_batch_start", "on_train_batch_end"):
-            if on:
-                self.__dict__.pop(hook, None)  # the methods below again
-            else:
-                setattr(self, hook, None)  # skipped by Lightning (mnist_lab.callbacks.skip_idle_step_hooks)
-        if not on and self.signal_name is not None:  # a signal in between
-            self._watch_steps(True)
+        hooks = ("on_train_batch_start", "on_train_batch_end")
+        if not on:
+            skip_hooks(self, hooks)
+        if on or self.signal_name is not None:  # a signal may have come in between
+            restore_hooks(self, hooks)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # At the end of every epoch, a killed run must find that epoch's state. ModelCheckpoint's own
