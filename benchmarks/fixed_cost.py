@@ -42,7 +42,7 @@ PROBES = [
     ("pytorch_lightning", "Trainer.save_checkpoint", "checkpoints (best and last.ckpt)"),
     ("pytorch_lightning.trainer.connectors.checkpoint_connector", "_CheckpointConnector.resume_start",
      "load the best checkpoint for test"),
-    ("mnist_lab.figures", "TestFigures.on_test_epoch_end", "test figures (TensorBoard images)"),
+    ("mnist_lab.callbacks", "TestFigures.on_test_epoch_end", "test figures (TensorBoard images)"),
     ("mnist_lab.train", "log_hparams", "HPARAMS"),
     ("mnist_lab.train", "plot_curves", "curves.png"),
 ]

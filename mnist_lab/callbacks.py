@@ -1,12 +1,23 @@
-"""mnist_lab's Lightning callbacks, and the rule that keeps the training step free of those that
+"""mnist_lab's Lightning callbacks (progress bar, epoch timer, test figures, the state a stopped
+run resumes from, and stopping on a signal), and the rule that keeps the training step free of callbacks that
 have nothing to do on it."""
 
+import os
+import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+import torch
+from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.loggers import TensorBoardLogger
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from mnist_lab.errors import InputError
+from mnist_lab.figures import Mistakes, confusion_figure, digit_grid, mistakes_figure, most_confident
 
 # The callback hooks Lightning calls on every training step, for every callback.
 STEP_HOOKS = (
@@ -103,3 +114,178 @@ class EpochTimer(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epoch_times, self.earlier_fit_time = list(state_dict["epoch_times"]), state_dict["fit_time"]
         self._earlier_epoch_time = state_dict.get("epoch_time", 0.0)  # checkpoints from before it was kept
+
+
+def gather_mistakes(mistakes: Mistakes, count: int, all_gather: Callable[[torch.Tensor], torch.Tensor]) -> Mistakes:
+    """The most confident of every process's mistakes (DDP). Each process pads its own to `count`,
+    as all_gather needs the same shapes everywhere; padding has confidence -1 and is dropped."""
+    pad = count - len(mistakes[3])
+    padded = [torch.cat([t, t.new_full((pad, *t.shape[1:]), -1 if i == 3 else 0)]) for i, t in enumerate(mistakes)]
+    gathered = [all_gather(t).flatten(0, 1) for t in padded]  # (processes * count, ...)
+    real = gathered[3] >= 0
+    return most_confident(tuple(t[real] for t in gathered), count)
+
+
+class TestFigures(pl.Callback):
+    """At test time, logs sample digits with predicted/true labels, the most confidently wrong
+    digits and the confusion matrix to TensorBoard (the notebook's classify_an_example, and more).
+    In DDP the confusion matrix and the mistakes cover every process's share of the test set; the
+    sample digits are the first process's."""
+
+    def __init__(self, samples: int = 32) -> None:
+        if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= 1024:
+            raise InputError(f"callbacks.test_figures.samples must be from 1 to 1024 digits, got {samples!r}: "
+                             "pass e.g. callbacks.test_figures.samples=32")
+        self.samples = samples
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.confusion = MulticlassConfusionMatrix(pl_module.hparams.num_classes).to(pl_module.device)
+        self.first: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.wrong: Mistakes | None = None
+
+    def on_test_batch_end(self, trainer, pl_module, outputs: torch.Tensor, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels = batch
+        confidence, predicted = outputs.softmax(1).max(1)
+        self.confusion.update(predicted, labels)
+        if self.first is None:
+            self.first = images[: self.samples], predicted[: self.samples], labels[: self.samples]
+        wrong = predicted != labels
+        batch_mistakes = (images[wrong], predicted[wrong], labels[wrong], confidence[wrong])
+        # Keep only the most confident mistakes so far: memory stays at `samples` images.
+        if self.wrong is not None:
+            batch_mistakes = tuple(torch.cat(pair) for pair in zip(self.wrong, batch_mistakes))
+        self.wrong = most_confident(batch_mistakes, self.samples)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not isinstance(trainer.logger, TensorBoardLogger) or self.first is None:
+            return
+        matrix = self.confusion.compute()  # torchmetrics sums it over the DDP processes
+        mistakes = self.wrong
+        if trainer.world_size > 1:  # each process has tested its share of the test set
+            mistakes = gather_mistakes(mistakes, self.samples, pl_module.all_gather)
+        if not trainer.is_global_zero:
+            return
+        writer, step = trainer.logger.experiment, trainer.global_step
+        images, predicted, labels = self.first
+        writer.add_figure("test/samples", digit_grid(images, [f"{p} (true {t})" for p, t in zip(predicted.tolist(), labels.tolist())]), step)
+        writer.add_figure("test/misclassified", mistakes_figure(*mistakes), step)
+        writer.add_figure("test/confusion_matrix", confusion_figure(matrix), step)
+
+
+class Interrupted(BaseException):
+    """Training stopped by a signal (its last.ckpt, if any, is where to resume). A BaseException,
+    like KeyboardInterrupt, so that a sweep stops too rather than going on to its next job."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(f"stopped by {signal_name}")
+        self.signal_name = signal_name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + signal.Signals[self.signal_name].value  # the shell's convention: 130, 143
+
+
+class TrainingState(Checkpoint):
+    """Writes last.ckpt at the end of every epoch, with the rest of what a resumed run needs to
+    match an uninterrupted one (the global random generators, the TensorBoard run's name), and
+    stops on SIGINT/SIGTERM at the end of the current training batch with a checkpoint of that point.
+
+    A Checkpoint, so that Lightning calls it after the ModelCheckpoint given before it, which saves
+    the best checkpoint at the end of the training epoch too: last.ckpt then knows that epoch's
+    best, and a resumed run tests the same checkpoint as an uninterrupted one.
+
+    Lightning itself sets `trainer.received_sigterm` on SIGTERM; `stop_signal` is called by
+    `stop_on_signals`. A second Ctrl-C stops at once, without a checkpoint. In one process its
+    per-step hooks are off until a signal arrives: a training step then costs nothing here.
+    """
+
+    def __init__(self, last_checkpoint: Path) -> None:
+        self.last_checkpoint = Path(last_checkpoint)
+        self.signal_name: str | None = None
+        self.logger_version: str | int | None = None
+        self._stopping = False
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.logger is not None:
+            self.logger_version = trainer.logger.version
+        if trainer.world_size == 1:  # DDP's processes must agree on the stopping batch at every step
+            self._watch_steps(self.signal_name is not None or trainer.received_sigterm)
+
+    def stop_signal(self, signal_name: str) -> None:
+        """Stop at the end of the current training batch, with a checkpoint of that point."""
+        self.signal_name = signal_name
+        self._watch_steps(True)
+
+    def _watch_steps(self, on: bool) -> None:
+        hooks = ("on_train_batch_start", "on_train_batch_end")
+        if not on:
+            skip_hooks(self, hooks)
+        if on or self.signal_name is not None:  # a signal may have come in between
+            restore_hooks(self, hooks)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # At the end of every epoch, a killed run must find that epoch's state. ModelCheckpoint's own
+        # save_last is off (conf/callbacks): it writes last.ckpt only with a new best, and next to
+        # this file it would write last-v1.ckpt.
+        self._save(trainer)
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        """Write last.ckpt whole or not at all: a full disk or a kill mid-write leaves the previous one."""
+        partial = self.last_checkpoint.with_name(f".{self.last_checkpoint.name}.partial")
+        try:
+            trainer.save_checkpoint(partial, weights_only=False)  # the whole state, not the weights alone
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        if trainer.is_global_zero:  # the process that wrote it
+            os.replace(partial, self.last_checkpoint)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        stop = self.signal_name is not None or trainer.received_sigterm
+        if trainer.world_size > 1:  # every process saves and stops at the same batch
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop and not self._stopping:
+            self._save(trainer)
+            self._stopping = True  # stop once Lightning has logged this batch: at the next one
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self._stopping:
+            raise Interrupted(self.signal_name or "SIGTERM")
+
+    def on_test_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.signal_name is not None:  # training is over: its last checkpoint is complete
+            raise Interrupted(self.signal_name)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"torch_rng": torch.get_rng_state(), "logger_version": self.logger_version}
+        if torch.cuda.is_initialized():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch_rng"])
+        cuda_states = state_dict.get("cuda_rng", [])
+        if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+@contextmanager
+def stop_on_signals(state: TrainingState) -> Iterator[None]:
+    """While training, SIGINT and SIGTERM ask `state` to checkpoint and stop at the end of the
+    batch, instead of killing the process mid-step; a second Ctrl-C interrupts at once."""
+
+    def handler(signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and state.signal_name == "SIGINT":
+            raise KeyboardInterrupt
+        state.stop_signal(signal.Signals(signum).name)
+
+    try:
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals stay as they are
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)

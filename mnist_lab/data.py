@@ -2,6 +2,7 @@
 
 import hashlib
 import math
+import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +36,8 @@ CHECKSUMS = {
 }
 _verified: set[tuple[str, int, int]] = set()  # (path, size, mtime) hashed once per process
 
+# torchvision's datasets in MNIST's IDX layout (train/t10k-images-idx3-ubyte, ...-labels-idx1-ubyte)
+DATASETS = ("MNIST", "FashionMNIST", "KMNIST")
 IMAGE_MAGIC = 0x0803  # IDX: unsigned bytes, 3 dimensions (N, 28, 28)
 LABEL_MAGIC = 0x0801  # IDX: unsigned bytes, 1 dimension (N,)
 
@@ -44,6 +47,16 @@ def _fix(folder: Path) -> str:
         f"download it again (delete {folder} and run with data.download=true), or point "
         "data.data_dir= or the MNIST_LAB_DATA environment variable at a folder holding a good copy"
     )
+
+
+def dataset_name(name: str) -> str:
+    """The torchvision class name of a dataset given by it or by its config name (conf/data):
+    fashion_mnist -> FashionMNIST."""
+    match = [n for n in DATASETS if n.lower() == name.replace("_", "").lower()]
+    if not match:
+        names = [re.sub(r"(?<=[a-z])(?=MNIST)", "_", n).lower() for n in DATASETS]  # FashionMNIST -> fashion_mnist
+        raise InputError(f"unknown dataset {name!r}: use one of {', '.join(names)}")
+    return match[0]
 
 
 def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
@@ -76,8 +89,9 @@ def check_idx(path: Path, magic: int) -> int:
         with open(path, "rb") as f:
             header = f.read(header_size)
         size = path.stat().st_size
-    except OSError as e:
-        raise InputError(f"cannot read {path} ({e.strerror}): {_fix(path.parent)}") from None
+    except OSError as e:  # permissions, a folder in its place: the file itself may be fine
+        raise InputError(f"cannot read {path} ({e.strerror}): make it readable, or point data.data_dir= or the "
+                         "MNIST_LAB_DATA environment variable at a folder holding a readable copy") from None
     if len(header) < header_size:
         raise InputError(f"{path} is truncated ({size} bytes, shorter than its header): {_fix(path.parent)}")
     found, *dims = struct.unpack(f">{1 + ndim}i", header)
@@ -202,8 +216,18 @@ class MNISTDataModule(pl.LightningDataModule):
         for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("val_size", val_size)):
             if not isinstance(value, int) or value < 1:
                 raise InputError(f"data.{key} must be a positive integer, got {value!r}: pass e.g. data.{key}=64")
-        dataset_cls = getattr(torchvision.datasets, dataset, None)
-        if not (isinstance(dataset_cls, type) and issubclass(dataset_cls, torchvision.datasets.MNIST)):
+        for key, value in (("split_seed", split_seed), ("seed", seed), ("num_workers", num_workers)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+                raise InputError(f"data.{key} must be a whole number from 0 to 2**32-1, got {value!r}: pass e.g. data.{key}=1")
+        for key, value in (("download", download), ("verify_checksums", verify_checksums), ("pin_memory", pin_memory),
+                           ("on_device", on_device)):
+            if not isinstance(value, bool):
+                raise InputError(f"data.{key} must be true or false, got {value!r}: pass data.{key}=true or data.{key}=false")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (mean, std)) or not std > 0:
+            raise InputError(f"data.mean and data.std must be finite and data.std > 0, got mean={mean}, std={std}: "
+                             "pass e.g. data.mean=0.1307 data.std=0.3081 (MNIST's)")
+        dataset_cls = getattr(torchvision.datasets, dataset, None) if dataset in DATASETS else None
+        if dataset_cls is None:
             raise InputError(
                 f"data.dataset={dataset!r} is not an MNIST-format dataset of torchvision.datasets: "
                 "use MNIST, FashionMNIST or KMNIST"
@@ -288,7 +312,8 @@ class MNISTDataModule(pl.LightningDataModule):
             self.shuffle_generator = torch.Generator().manual_seed(self.hparams.seed)
             if self._resume_state is not None:
                 self._restore(self._resume_state)
-        if stage in ("test", "predict") and not hasattr(self, "test_set"):
+        # At fit too: a bad test file must be found before the first step, not after the last epoch.
+        if stage in ("fit", "test", "predict") and not hasattr(self, "test_set"):
             self.test_set = InMemoryDataset(*self._load("t10k"))
         if self.hparams.on_device and self.trainer is not None:
             # The whole data set on the training device (47 MB of uint8 for MNIST's training

@@ -1,5 +1,41 @@
-"""The one exception type for bad input: its message names the problem and the fix."""
+"""The exception types for bad input and for a run that cannot go on, and the one-line exit."""
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class InputError(Exception):
     """A bad config value, data file or output folder, found before any training."""
+
+
+class Diverged(InputError):
+    """The loss became NaN or infinite: the run's own fault, so it is final (never resumed)."""
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """A command's bad input ends it with `Error: <what and how to fix it>`, not a traceback."""
+    try:
+        yield
+    except InputError as e:
+        sys.exit(f"Error: {e}")
+
+
+@contextmanager
+def config_errors(key: str) -> Iterator[None]:
+    """An error raised while building `key` from the config is a bad value there: one line naming
+    it, with the library's own reason (PyTorch's and Lightning's say what they expected)."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001  ValueError, TypeError, Lightning's MisconfigurationException, ...
+        cause = e
+        while type(cause).__name__ == "InstantiationException" and cause.__cause__ is not None:
+            cause = cause.__cause__  # Hydra's wrapper: the error of the object it was building
+        if isinstance(cause, InputError):
+            raise cause from None
+        lines = str(cause).strip().splitlines()
+        raise InputError(f"{key}: {type(cause).__name__}: {lines[0] if lines else ''}: fix that {key} value "
+                         "(python train.py --help lists them)") from None

@@ -7,9 +7,9 @@ folder under outputs/evaluations/ (or --out), logs them to TensorBoard there, an
 """
 
 import argparse
+import fnmatch
 import json
 import os
-import sys
 from collections.abc import Callable
 from datetime import datetime
 from functools import partial
@@ -19,18 +19,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
-from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_confusion_matrix
 
 from mnist_lab.augment import affine
-from mnist_lab.checkpoint import load_checkpoint
-from mnist_lab.data import MNISTDataModule, normalize
-from mnist_lab.errors import InputError
+from mnist_lab.checkpoint import load_checkpoint, test_data
+from mnist_lab.data import dataset_name, normalize
+from mnist_lab.errors import InputError, one_line_errors
 from mnist_lab.figures import confusion_figure, mistakes_figure, most_confident
-from mnist_lab.train import ensure_writable
+from mnist_lab.run_folder import ensure_writable
 
-ROOT = Path(__file__).resolve().parent.parent
+OUTPUTS = ("evaluation.json", "confusion_matrix.png", "misclassified.png", "robustness.png", "events.out.tfevents.*")
 NOISE_STD = 0.3  # Gaussian noise, in units of the pixel range [0, 1]
 
 
@@ -108,18 +107,6 @@ def robustness_figure(accuracy: dict[str, float]) -> Figure:
     return fig
 
 
-def dataset_of(name: str | None, data_hparams: dict[str, Any]) -> str:
-    """A data config name (mnist, fashion_mnist: conf/data/*.yaml) as its torchvision class name;
-    none: the dataset the checkpoint was trained on."""
-    if name is None:
-        return data_hparams.get("dataset", "MNIST")
-    config = ROOT / "conf" / "data" / f"{name}.yaml"
-    if not config.is_file():
-        options = sorted(p.stem for p in config.parent.glob("*.yaml"))
-        raise InputError(f"unknown dataset {name!r}: use one of {', '.join(options)}")
-    return OmegaConf.load(config).dataset
-
-
 def default_out_dir(model_name: str) -> Path:
     return Path("outputs/evaluations") / datetime.now().strftime(f"%Y-%m-%d/%H-%M-%S.%f_{model_name.lower()}")
 
@@ -137,25 +124,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
-    try:
+    with one_line_errors():
         run(args)
-    except InputError as e:
-        sys.exit(f"Error: {e}")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, data_hparams = load_checkpoint(args.ckpt, device)
     out_dir = args.out or default_out_dir(type(model).__name__)
-    ensure_writable(out_dir)  # before any work
-    dataset = dataset_of(args.dataset, data_hparams)
-    datamodule = MNISTDataModule(data_dir=str(args.data_dir), dataset=dataset, download=data_hparams.get("download", True),
-                                 verify_checksums=data_hparams.get("verify_checksums", True))
-    datamodule.prepare_data()
-    datamodule.setup("test")
+    check_out_dir(out_dir)  # before any work
+    datamodule = test_data(data_hparams, args.data_dir, args.dataset and dataset_name(args.dataset))
     images, labels = datamodule.test_set.images, datamodule.test_set.labels
-    # The model expects its training normalization, whatever the data.
-    mean, std = data_hparams.get("mean", datamodule.hparams.mean), data_hparams.get("std", datamodule.hparams.std)
+    dataset, mean, std = datamodule.hparams.dataset, datamodule.hparams.mean, datamodule.hparams.std
 
     metrics, logits = evaluate(model, images, labels, mean, std, args.batch_size)
     result = {"checkpoint": str(args.ckpt), "model": type(model).__name__, "dataset": dataset, **metrics}
@@ -176,6 +156,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             writer.add_scalar(f"robustness/{name.replace(' ', '_')}", accuracy)
     print(report(result, out_dir))
     return result
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """A new folder, or one that holds an earlier evaluation alone: nothing else is overwritten."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir} is a file, not a folder: pass a new folder")
+    if out_dir.is_dir():
+        others = [p.name for p in out_dir.iterdir() if not any(fnmatch.fnmatchcase(p.name, o) for o in OUTPUTS)]
+        if others:
+            raise InputError(f"--out {out_dir} holds {others[0]}, which evaluate did not write: pass a new or empty folder")
+    ensure_writable(out_dir)
 
 
 def report(result: dict[str, Any], out_dir: Path) -> str:

@@ -15,25 +15,19 @@ from pathlib import Path
 
 import torch
 
-from mnist_lab.checkpoint import load_checkpoint
-from mnist_lab.data import MNISTDataModule, normalize
-from mnist_lab.errors import InputError
+from mnist_lab.checkpoint import load_checkpoint, test_data
+from mnist_lab.data import normalize
+from mnist_lab.errors import InputError, one_line_errors
+from mnist_lab.predict import OnnxClassifier, require
 
 TOLERANCE = 1e-4  # largest absolute logit difference between ONNX Runtime and PyTorch accepted
 PARITY_IMAGES = 1000  # real test digits compared
 
 
-def _require(module: str):
-    try:
-        return __import__(module)
-    except ImportError:
-        raise InputError(f"{module} is not installed: pip install -e \".[onnx]\" adds onnx, onnxscript and onnxruntime") from None
-
-
 def export_onnx(model: torch.nn.Module, out: Path, metadata: dict[str, str]) -> None:
     """Write `model` to `out` with a dynamic batch dimension and `metadata` in the file."""
-    onnx = _require("onnx")
-    _require("onnxscript")  # torch.onnx's exporter builds the graph with it
+    onnx = require("onnx")
+    require("onnxscript")  # torch.onnx's exporter builds the graph with it
     model = model.cpu().eval()
     example = torch.zeros(2, 1, 28, 28)
     torch.onnx.export(model, (example,), str(out), dynamo=True, external_data=False, input_names=["images"],
@@ -42,30 +36,6 @@ def export_onnx(model: torch.nn.Module, out: Path, metadata: dict[str, str]) -> 
     onnx.helper.set_model_props(proto, metadata)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(out))
-
-
-class OnnxClassifier:
-    """Logits of normalized (N, 1, 28, 28) images through ONNX Runtime; `mean` and `std` read
-    from the file's metadata."""
-
-    def __init__(self, path: Path) -> None:
-        ort = _require("onnxruntime")
-        if not path.is_file():
-            raise InputError(f"no ONNX file at {path}: write one with python -m mnist_lab.export --ckpt ... --out {path}")
-        try:
-            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types
-            raise InputError(f"{path} is not an ONNX model ONNX Runtime can load ({str(e).splitlines()[0][:200]})") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if "mnist_lab.mean" not in meta:
-            raise InputError(f"{path} was not exported by mnist_lab (no normalization in its metadata): "
-                             "export it with python -m mnist_lab.export")
-        self.mean, self.std = float(meta["mnist_lab.mean"]), float(meta["mnist_lab.std"])
-        self.input = self.session.get_inputs()[0].name
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        (logits,) = self.session.run(None, {self.input: images.float().contiguous().numpy()})
-        return torch.from_numpy(logits)
 
 
 def parity(model: torch.nn.Module, onnx_model: OnnxClassifier, images: torch.Tensor) -> float:
@@ -84,24 +54,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("MNIST_LAB_DATA", "data")),
                         help="folder holding <Dataset>/raw/*-ubyte, for the parity check (default: $MNIST_LAB_DATA or ./data)")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors():
         difference = run(args)
-    except InputError as e:
-        sys.exit(f"Error: {e}")
     if difference >= TOLERANCE:
         sys.exit(f"Error: ONNX Runtime's logits differ from PyTorch's by up to {difference:.2e} (limit {TOLERANCE:.0e})")
 
 
 def run(args: argparse.Namespace) -> float:
+    check_out(args.out, args.ckpt)
     model, data = load_checkpoint(args.ckpt)
-    if args.out.parent and not args.out.parent.is_dir():
-        raise InputError(f"no folder {args.out.parent} to write {args.out.name} into: create it or pass another --out")
-    dataset = data.get("dataset", "MNIST")
-    datamodule = MNISTDataModule(data_dir=str(args.data_dir), dataset=dataset, download=data.get("download", True),
-                                 verify_checksums=data.get("verify_checksums", True))
-    datamodule.prepare_data()
-    datamodule.setup("test")  # before exporting: a missing data set fails fast
-    mean, std = data.get("mean", datamodule.hparams.mean), data.get("std", datamodule.hparams.std)
+    datamodule = test_data(data, args.data_dir)  # before exporting: a missing data set fails fast
+    dataset, mean, std = datamodule.hparams.dataset, datamodule.hparams.mean, datamodule.hparams.std
     export_onnx(model, args.out, {"mnist_lab.mean": str(mean), "mnist_lab.std": str(std), "mnist_lab.dataset": dataset,
                                   "mnist_lab.model_class": f"{type(model).__module__}.{type(model).__qualname__}"})
     difference = parity(model, OnnxClassifier(args.out), datamodule.test_set.images[:PARITY_IMAGES])
@@ -109,6 +72,25 @@ def run(args: argparse.Namespace) -> float:
     print(f"Parity on {PARITY_IMAGES} real {dataset} test digits: max |ONNX Runtime - PyTorch| logit difference "
           f"{difference:.2e} (limit {TOLERANCE:.0e})")
     return difference
+
+
+def check_out(out: Path, ckpt: Path) -> None:
+    """A new .onnx file in a writable folder: never the checkpoint, a folder, or a file already there."""
+    if out.suffix != ".onnx":
+        raise InputError(f"--out {out} must end in .onnx (predict tells ONNX files by it): pass e.g. --out model.onnx")
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder: pass a file name in it, e.g. --out {out / 'model.onnx'}")
+    if out.exists() or out.is_symlink():
+        what = "the checkpoint given as --ckpt" if ckpt.exists() and out.exists() and out.samefile(ckpt) else "a file"
+        raise InputError(f"--out {out} is {what} already there: pass a new file name, or delete it first")
+    if not out.parent.is_dir():
+        raise InputError(f"no folder {out.parent} to write {out.name} into: create it or pass another --out")
+    probe = out.with_name(f".{out.name}.{os.getpid()}")
+    try:
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"cannot write into {out.parent} ({e.strerror}): pass an --out in a writable folder") from None
 
 
 if __name__ == "__main__":

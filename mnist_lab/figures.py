@@ -1,15 +1,11 @@
 """Figures of a run: test digits with their predictions, the misclassified ones, the confusion
 matrix (into TensorBoard's IMAGES tab, at test time) and the learning curves (curves.png)."""
 
-from collections.abc import Callable
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 from matplotlib.figure import Figure  # not pyplot: no backend, no global state, nothing to close
-from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torchmetrics.classification import MulticlassConfusionMatrix
 
 TITLE_ROWS, GAP = 9, 3  # pixels of a digit grid's mosaic: above each digit for its title, beside it
 
@@ -63,59 +59,6 @@ def most_confident(mistakes: Mistakes, count: int) -> Mistakes:
     """The `count` mistakes of highest confidence, most confident first."""
     top = mistakes[3].argsort(descending=True)[:count]
     return tuple(t[top] for t in mistakes)
-
-
-def gather_mistakes(mistakes: Mistakes, count: int, all_gather: Callable[[torch.Tensor], torch.Tensor]) -> Mistakes:
-    """The most confident of every process's mistakes (DDP). Each process pads its own to `count`,
-    as all_gather needs the same shapes everywhere; padding has confidence -1 and is dropped."""
-    pad = count - len(mistakes[3])
-    padded = [torch.cat([t, t.new_full((pad, *t.shape[1:]), -1 if i == 3 else 0)]) for i, t in enumerate(mistakes)]
-    gathered = [all_gather(t).flatten(0, 1) for t in padded]  # (processes * count, ...)
-    real = gathered[3] >= 0
-    return most_confident(tuple(t[real] for t in gathered), count)
-
-
-class TestFigures(pl.Callback):
-    """At test time, logs sample digits with predicted/true labels, the most confidently wrong
-    digits and the confusion matrix to TensorBoard (the notebook's classify_an_example, and more).
-    In DDP the confusion matrix and the mistakes cover every process's share of the test set; the
-    sample digits are the first process's."""
-
-    def __init__(self, samples: int = 32) -> None:
-        self.samples = samples
-
-    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.confusion = MulticlassConfusionMatrix(pl_module.hparams.num_classes).to(pl_module.device)
-        self.first: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self.wrong: Mistakes | None = None
-
-    def on_test_batch_end(self, trainer, pl_module, outputs: torch.Tensor, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        images, labels = batch
-        confidence, predicted = outputs.softmax(1).max(1)
-        self.confusion.update(predicted, labels)
-        if self.first is None:
-            self.first = images[: self.samples], predicted[: self.samples], labels[: self.samples]
-        wrong = predicted != labels
-        batch_mistakes = (images[wrong], predicted[wrong], labels[wrong], confidence[wrong])
-        # Keep only the most confident mistakes so far: memory stays at `samples` images.
-        if self.wrong is not None:
-            batch_mistakes = tuple(torch.cat(pair) for pair in zip(self.wrong, batch_mistakes))
-        self.wrong = most_confident(batch_mistakes, self.samples)
-
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not isinstance(trainer.logger, TensorBoardLogger) or self.first is None:
-            return
-        matrix = self.confusion.compute()  # torchmetrics sums it over the DDP processes
-        mistakes = self.wrong
-        if trainer.world_size > 1:  # each process has tested its share of the test set
-            mistakes = gather_mistakes(mistakes, self.samples, pl_module.all_gather)
-        if not trainer.is_global_zero:
-            return
-        writer, step = trainer.logger.experiment, trainer.global_step
-        images, predicted, labels = self.first
-        writer.add_figure("test/samples", digit_grid(images, [f"{p} (true {t})" for p, t in zip(predicted.tolist(), labels.tolist())]), step)
-        writer.add_figure("test/misclassified", mistakes_figure(*mistakes), step)
-        writer.add_figure("test/confusion_matrix", confusion_figure(matrix), step)
 
 
 def plot_curves(run_dir: Path, log_dir: Path | None = None) -> Path:

@@ -19,10 +19,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from mnist_lab.data import normalize
-from mnist_lab.errors import InputError
+from mnist_lab.errors import InputError, one_line_errors
 
 FIELD, BOX = 28, 20  # MNIST: digits fit a 20 x 20 box inside a 28 x 28 image
 INK_THRESHOLD = 0.2  # of the brightest ink: what counts as digit when cropping
+MAX_PIXELS = 25_000_000  # a phone photo passes; a decompression bomb does not
 MIN_CONTRAST = 0.1  # brightest ink minus background, in [0, 1]; below it, an image is blank
 
 
@@ -72,7 +73,10 @@ def to_mnist(image: Image.Image) -> torch.Tensor:
 
 def load_image(path: Path) -> torch.Tensor:
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as image:  # reads the header only
+            if image.width * image.height > MAX_PIXELS:  # Pillow itself allows 89 million, gigabytes as floats
+                raise InputError(f"{image.width} x {image.height} pixels is more than the {MAX_PIXELS / 1e6:.0f} megapixels "
+                                 "predict reads: scale the image down (a digit needs a few hundred pixels)")
             image.load()
             return to_mnist(image)
     except FileNotFoundError:
@@ -81,13 +85,47 @@ def load_image(path: Path) -> torch.Tensor:
         raise InputError(f"cannot read it as an image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
+def require(module: str):
+    """An optional dependency of ONNX export and inference, or a one-line InputError."""
+    try:
+        return __import__(module)
+    except ImportError:
+        raise InputError(f"{module} is not installed: pip install -e \".[onnx]\" adds onnx, onnxscript and onnxruntime") from None
+
+
+class OnnxClassifier:
+    """Logits of normalized (N, 1, 28, 28) images through ONNX Runtime; `mean` and `std` read
+    from the file's metadata."""
+
+    def __init__(self, path: Path) -> None:
+        ort = require("onnxruntime")
+        if not path.is_file():
+            raise InputError(f"no ONNX file at {path}: write one with python -m mnist_lab.export --ckpt ... --out {path}")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise InputError(f"{path} is not an ONNX model ONNX Runtime can load ({str(e).splitlines()[0][:200]})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "mnist_lab.mean" not in meta:
+            raise InputError(f"{path} was not exported by mnist_lab (no normalization in its metadata): "
+                             "export it with python -m mnist_lab.export")
+        try:
+            self.mean, self.std = float(meta["mnist_lab.mean"]), float(meta["mnist_lab.std"])
+        except (KeyError, ValueError):
+            raise InputError(f"{path} has a malformed mnist_lab.mean or mnist_lab.std in its metadata: export it again "
+                             "with python -m mnist_lab.export") from None
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        (logits,) = self.session.run(None, {self.input: images.float().contiguous().numpy()})
+        return torch.from_numpy(logits)
+
+
 class Classifier:
     """Class probabilities of MNIST-shaped images from a checkpoint or an ONNX file."""
 
     def __init__(self, path: Path) -> None:
         if path.suffix == ".onnx":
-            from mnist_lab.export import OnnxClassifier
-
             self.model = OnnxClassifier(path)
             self.mean, self.std = self.model.mean, self.model.std
         else:
@@ -125,10 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     parser.add_argument("--json", action="store_true", help='print a JSON list of {"path", "digit", "probability", "probabilities"}')
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors():
         results = predict(Classifier(args.ckpt), args.images)
-    except InputError as e:
-        sys.exit(f"Error: {e}")
     for result in results:
         if "error" in result:
             print(f"Error: {result['path']}: {result['error']}", file=sys.stderr)

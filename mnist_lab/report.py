@@ -2,8 +2,8 @@
 
     python -m mnist_lab.report <sweep folder>
 
-writes summary.csv, summary.md and summary.png into the folder. The Hydra callback `SweepReport`
-(on in conf/train.yaml) records failed jobs and writes the report after every job of a sweep,
+writes summary.csv, summary.md and summary.png into the folder. The Hydra callback
+`mnist_lab.app.SweepReport` (on in conf/train.yaml) writes the report after every job of a sweep,
 so a sweep that stops early, or has failing jobs, still gets one.
 """
 
@@ -14,44 +14,39 @@ import json
 import math
 import os
 import statistics
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.utils import JobReturn, JobStatus
-from hydra.errors import InstantiationException
-from hydra.experimental.callback import Callback
-from hydra.types import RunMode
 from matplotlib.figure import Figure  # not pyplot: no backend, no global state
 from omegaconf import DictConfig, OmegaConf
 
+from mnist_lab.errors import InputError, one_line_errors
+from mnist_lab.run_folder import METRICS_FILE, SWEEP_FILE, read_metrics
+
 METRICS = ("val/acc", "test/acc")
-SWEEP_FILE = "sweep.json"  # written into the sweep folder when a multirun starts
-
-
-def record_failure(run_dir: Path, error: BaseException) -> None:
-    """Mark a run failed in its metrics.json, keeping whatever metrics it already wrote."""
-    if isinstance(error, InstantiationException) and error.__cause__ is not None:
-        error = error.__cause__  # the error raised by the object Hydra was building
-    path = run_dir / "metrics.json"
-    metrics = json.loads(path.read_text()) if path.exists() else {}
-    lines = str(error).strip().splitlines()
-    metrics.update(status="failed", error=f"{type(error).__name__}: {lines[0] if lines else ''}")
-    path.write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 def load_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One dict per job folder: its overrides (key -> value text) and its metrics.json."""
+    """One dict per job folder: its overrides (key -> value text) and its metrics.json. A job whose
+    files do not read is listed as failed, saying which file; the others are unaffected."""
     jobs = []
     for overrides_file in sweep_dir.glob("*/.hydra/overrides.yaml"):
         job_dir = overrides_file.parent.parent
-        # "key=value", "+key=value" (added) or "~key" (deleted, no value)
-        overrides = {key: value for key, _, value in (o.lstrip("+~").partition("=") for o in OmegaConf.load(overrides_file))}
-        metrics_file = job_dir / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {"status": "running"}
+        try:
+            # "key=value", "+key=value" (added) or "~key" (deleted, no value)
+            overrides = {key: value for key, _, value in (str(o).lstrip("+~").partition("=")
+                                                          for o in OmegaConf.load(overrides_file))}
+        except Exception:  # noqa: BLE001  YAML or OmegaConf errors: this job alone
+            jobs.append({"job": job_dir.name, "overrides": {}, "status": "failed", "error": f"cannot read {overrides_file}"})
+            continue
+        metrics = read_metrics(job_dir)
+        if not (job_dir / METRICS_FILE).exists():
+            metrics = {"status": "running"}
+        elif not all(isinstance(metrics.get(m, 0.0), (int, float)) for m in METRICS) or "status" not in metrics:
+            metrics = {"status": "failed", "error": f"cannot read {job_dir / METRICS_FILE}"}
         jobs.append({"job": job_dir.name, "overrides": overrides, **metrics})
     return sorted(jobs, key=lambda job: (0, int(job["job"])) if job["job"].isdigit() else (1, job["job"]))  # 2 before 10
 
@@ -221,7 +216,7 @@ def write_report(sweep_dir: str | Path) -> Path:
     sweep_dir = Path(sweep_dir)
     jobs = load_jobs(sweep_dir)
     if not jobs:
-        raise FileNotFoundError(f"{sweep_dir} holds no job folders (<job>/.hydra/overrides.yaml): is it a sweep folder?")
+        raise InputError(f"{sweep_dir} holds no job folders (<job>/.hydra/overrides.yaml): is it a sweep folder?")
     keys = swept_keys(jobs, recorded_sweep_keys(sweep_dir))
     best = best_job(jobs)
     # Each file appears whole: jobs of a parallel launcher may rewrite the report at the same time.
@@ -242,43 +237,12 @@ def _replaced(path: Path) -> Iterator[Path]:
     tmp.replace(path)
 
 
-class SweepReport(Callback):
-    """Records the swept keys when a multirun starts (jobs name their TensorBoard runs by them),
-    records a failed job in its metrics.json, rewrites the sweep's report after every job, and
-    makes a sweep with a failed job exit non-zero (Hydra's basic sweeper does so by itself; the
-    Optuna sweeper, told to carry on past failed trials, does not)."""
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / SWEEP_FILE).write_text(json.dumps({"swept": sweep_keys(config)}, indent=2) + "\n")
-
-    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if job_return.status == JobStatus.FAILED:
-            try:
-                job_return.return_value  # raises the job's exception
-            except Exception as error:
-                record_failure(Path(config.hydra.runtime.output_dir), error)
-        if config.hydra.mode == RunMode.MULTIRUN:
-            write_report(config.hydra.sweep.dir)
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if not Path(config.hydra.sweep.dir).is_dir():
-            return
-        print(f"Sweep report: {write_report(config.hydra.sweep.dir)}")
-        failed = [job["job"] for job in load_jobs(Path(config.hydra.sweep.dir)) if job.get("status") == "failed"]
-        if failed:
-            sys.exit(f"Error: {len(failed)} job(s) failed ({', '.join(failed)}): see the report above")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description="Write summary.csv, summary.md and summary.png for a sweep folder.")
     parser.add_argument("sweep_dir", type=Path)
     args = parser.parse_args()
-    try:
+    with one_line_errors():
         path = write_report(args.sweep_dir)
-    except FileNotFoundError as e:
-        sys.exit(f"Error: {e}")
     print(path.read_text(), end="")
 
 

@@ -125,3 +125,17 @@ def real_checkpoint(real_data_dir, tmp_path_factory) -> tuple[Path, dict]:
     run(cfg, out_dir)
     metrics = json.loads((out_dir / "metrics.json").read_text())
     return out_dir / metrics["best_checkpoint"], metrics
+
+
+@pytest.fixture
+def small_checkpoint(tmp_path):
+    """An untrained LeNet-5 saved by Lightning, as train.py saves its checkpoints."""
+    import pytorch_lightning as pl
+
+    from mnist_lab.models import LeNet
+
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(LeNet())
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    return path

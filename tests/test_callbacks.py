@@ -10,7 +10,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from mnist_lab.callbacks import STEP_HOOKS, EpochTimer, ProgressBar, acts_on_steps, skip_idle_step_hooks
-from mnist_lab.resume import TrainingState
+from mnist_lab.callbacks import TrainingState
 
 
 class Tiny(pl.LightningModule):

@@ -221,3 +221,50 @@ def test_a_changed_file_fails_its_checksum_and_the_override_accepts_it(real_copy
     own = MNISTDataModule(data_dir=str(real_copy), download=False, verify_checksums=False)
     own.setup("test")
     assert own.test_set.labels[-1] == data[-1]
+
+
+def damage(raw: Path, fault: str) -> str:
+    """Spoil one test-split file of a data folder the way `fault` says; the error it must cause."""
+    if fault == "magic":
+        path = raw / "t10k-images-idx3-ubyte"
+        path.write_bytes(struct.pack(">i", 0x0801) + path.read_bytes()[4:])
+        return "t10k-images-idx3-ubyte is not an IDX image file"
+    path = raw / "t10k-labels-idx1-ubyte"
+    data = bytearray(path.read_bytes())
+    if fault == "label":
+        data[-1] = 200
+        path.write_bytes(bytes(data))
+        return "t10k-labels-idx1-ubyte holds labels outside 0-9"
+    data[-1] = (data[-1] + 1) % 10  # still a valid IDX file, but not the official one
+    path.write_bytes(bytes(data))
+    return "t10k-labels-idx1-ubyte is not the official MNIST file"
+
+
+@pytest.mark.parametrize("fault", ["magic", "label", "checksum"])
+def test_a_bad_test_file_is_found_before_the_first_step(fault, fresh_data_dir, request, make_cfg, tmp_path):
+    from mnist_lab.train import run
+    from tests.conftest import smoke_overrides
+
+    data_dir = request.getfixturevalue("real_copy") if fault == "checksum" else fresh_data_dir
+    message = damage(data_dir / "MNIST" / "raw", fault)
+    overrides = smoke_overrides(data_dir, "model=softmax")
+    if fault == "checksum":
+        overrides.remove("data.verify_checksums=false")
+    with pytest.raises(InputError, match=message):
+        run(make_cfg(*overrides), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()  # not one epoch trained
+
+
+def test_an_unreadable_file_is_not_a_reason_to_delete_the_data(fresh_data_dir):
+    labels = fresh_data_dir / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    labels.unlink()
+    labels.mkdir()  # unreadable as a file, as a permission problem would be (tests may run as root)
+    with pytest.raises(InputError, match="cannot read .* make it readable") as refused:
+        datamodule(fresh_data_dir)
+    assert "delete" not in str(refused.value)
+
+
+@pytest.mark.parametrize("key, value", [("std", 0.0), ("std", float("nan")), ("mean", float("inf")), ("std", "abc")])
+def test_a_normalization_that_would_look_like_divergence_is_refused(key, value, synthetic_dir):
+    with pytest.raises(InputError, match=f"data.mean and data.std must be finite and data.std > 0, got .*{key}="):
+        MNISTDataModule(data_dir=str(synthetic_dir), **{key: value})

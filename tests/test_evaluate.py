@@ -113,19 +113,8 @@ def test_cli_errors_are_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.fixture
-def small_checkpoint(tmp_path):
-    import pytorch_lightning as pl
-
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.strategy.connect(LeNet())
-    path = tmp_path / "model.ckpt"
-    trainer.save_checkpoint(path)
-    return path
-
-
 @pytest.mark.parametrize("args, message", [
-    (["--dataset", "cifar"], "unknown dataset 'cifar': use one of fashion_mnist, mnist"),
+    (["--dataset", "cifar"], "unknown dataset 'cifar': use one of mnist, fashion_mnist, kmnist"),
     (["--out", "/proc/evaluation"], "cannot write to the output folder /proc/evaluation"),
 ])
 def test_bad_arguments_stop_with_one_line(args, message, small_checkpoint, tmp_path, capsys):
@@ -134,3 +123,22 @@ def test_bad_arguments_stop_with_one_line(args, message, small_checkpoint, tmp_p
     with pytest.raises(SystemExit) as stop:
         main(["--ckpt", str(small_checkpoint), *args])
     assert str(stop.value).startswith("Error: ") and message in str(stop.value)
+
+
+def test_a_small_checkpoint_describing_a_huge_model_is_refused_before_allocating(tmp_path):
+    path = tmp_path / "huge.ckpt"
+    mlp = "mnist_lab.models.mlp.MLP"
+    torch.save({"state_dict": {}, "hyper_parameters": {"hidden_sizes": [1_000_000, 1_000_000]},
+                "mnist_lab": {"model_class": mlp}}, path)  # 4 TB of weights described in a few hundred bytes
+    with pytest.raises(InputError, match=r"describe a model of 4,\d{3},\d{3} MB, but it holds 0.0 MB"):
+        load_checkpoint(path)
+
+
+def test_a_checkpoint_with_compressed_entries_is_refused(tmp_path):
+    import zipfile
+
+    path = tmp_path / "packed.ckpt"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data/0", bytes(10_000_000))  # 10 MB of zeros in 10 kB
+    with pytest.raises(InputError, match="holds compressed entries"):
+        load_checkpoint(path)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mnist_lab.errors import InputError
-from mnist_lab.export import OnnxClassifier
+from mnist_lab.predict import OnnxClassifier
 from tests.conftest import ROOT
 
 pytest.importorskip("onnxruntime")
@@ -66,3 +66,22 @@ def test_a_broken_onnx_file_is_refused(tmp_path):
         OnnxClassifier(path)
     with pytest.raises(InputError, match="no ONNX file at"):
         OnnxClassifier(tmp_path / "missing.onnx")
+
+
+@pytest.mark.parametrize("out, message", [
+    ("model.ckpt", "must end in .onnx"),  # the checkpoint itself: the export once overwrote it
+    ("folder.onnx", "is a folder"),
+    ("taken.onnx", "is a file already there"),
+    ("/proc/model.onnx", "cannot write into /proc"),
+    ("missing/model.onnx", "no folder"),
+])
+def test_an_output_that_is_an_input_a_folder_or_unwritable_is_refused(out, message, small_checkpoint, tmp_path):
+    from mnist_lab.export import main
+
+    (tmp_path / "folder.onnx").mkdir()
+    (tmp_path / "taken.onnx").write_text("the user's")
+    before = small_checkpoint.read_bytes()
+    with pytest.raises(SystemExit) as stop:
+        main(["--ckpt", str(small_checkpoint), "--out", str(tmp_path / out), "--data-dir", str(tmp_path)])
+    assert str(stop.value).startswith("Error: ") and message in str(stop.value) and "\n" not in str(stop.value)
+    assert small_checkpoint.read_bytes() == before and (tmp_path / "taken.onnx").read_text() == "the user's"

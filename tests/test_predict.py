@@ -143,3 +143,11 @@ def test_a_non_checkpoint_is_refused_before_any_image(tmp_path):
     result = predict_cli("--ckpt", str(image), str(image))
     assert result.returncode == 1 and "is not a checkpoint that loads safely" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_image_that_decodes_to_gigabytes_is_refused_from_its_header(tmp_path):
+    path = tmp_path / "bomb.png"
+    Image.new("1", (6000, 5000)).save(path)  # 30 megapixels in a few kB, under Pillow's own limit of 89
+    assert path.stat().st_size < 100_000
+    with pytest.raises(InputError, match="6000 x 5000 pixels is more than the 25 megapixels predict reads"):
+        load_image(path)

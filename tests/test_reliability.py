@@ -16,8 +16,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mnist_lab.data import BatchIndices
 from mnist_lab.errors import InputError
-from mnist_lab.resume import claim
-from mnist_lab.train import check_multirun_strategy, check_resume_command
+from mnist_lab.run_folder import check_resume_command, claim
+from mnist_lab.app import check_multirun_strategy
 from tests.conftest import ROOT, run_train, smoke_overrides
 
 BATCHES = 40  # training batches per epoch in the signal tests: about 2 s of the CNN per epoch
@@ -181,14 +181,19 @@ def test_resume_refuses_what_it_cannot_continue(finished_run, tmp_path):
     # A run killed before its first checkpoint: its .hydra/ and nothing else.
     started = tmp_path / "started"
     shutil.copytree(finished_run / ".hydra", started / ".hydra")
-    with pytest.raises(InputError, match="the run has no checkpoint to resume from"):
+    with pytest.raises(InputError, match="the run has no checkpoint that loads.*start it again with: python train.py "):
         check_resume_command(started, [f"resume={started}"])
     with pytest.raises(InputError, match="optimizer.lr=0.5 would not apply"):
         check_resume_command(started, [f"resume={started}", "optimizer.lr=0.5"])
     failed = tmp_path / "failed"
     shutil.copytree(finished_run, failed, ignore=shutil.ignore_patterns(".lock"))
-    (failed / "metrics.json").write_text(json.dumps({"status": "failed", "error": "InputError: training diverged"}))
-    with pytest.raises(InputError, match="that run failed"):
+    # A run stopped by the machine (a full disk) goes on; one that diverged is final, and says how to start over.
+    (failed / "metrics.json").write_text(json.dumps({"status": "failed", "error": "OSError: [Errno 27] File too large",
+                                                     "resumable": True}))
+    assert check_resume_command(failed, [f"resume={failed}"]) == failed / "checkpoints" / "last.ckpt"
+    (failed / "metrics.json").write_text(json.dumps({"status": "failed", "error": "Diverged: training diverged",
+                                                     "resumable": False}))
+    with pytest.raises(InputError, match="that run cannot go on .*start over in a new folder with: python train.py "):
         check_resume_command(failed, [f"resume={failed}"])
 
 
@@ -277,7 +282,7 @@ def test_ddp_inside_a_local_sweep_is_refused_before_any_job(synthetic_dir, tmp_p
 
 
 def test_ddp_test_figures_show_the_most_confident_mistakes_of_every_process():
-    from mnist_lab.figures import gather_mistakes
+    from mnist_lab.callbacks import gather_mistakes
 
     def mistakes(predicted: list[int], confidence: list[float]):
         n = len(predicted)

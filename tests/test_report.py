@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from mnist_lab.errors import InputError
-from mnist_lab.report import SweepReport, record_failure, run_name, sweep_keys, write_report
+from mnist_lab.app import SweepReport
+from mnist_lab.report import run_name, sweep_keys, write_report
 from mnist_lab.train import run
 from tests.conftest import ROOT, run_train, smoke_overrides
 
@@ -75,14 +76,6 @@ def test_seeds_are_aggregated_as_mean_and_std(tmp_path):
         assert f"| {lr} | 3 | {val} | {test} |" in summary
 
 
-def test_record_failure_keeps_earlier_metrics(tmp_path):
-    (tmp_path / "metrics.json").write_text(json.dumps({"status": "ok", "epochs": 2}))
-    record_failure(tmp_path, RuntimeError("first line\nsecond line"))
-    assert json.loads((tmp_path / "metrics.json").read_text()) == {
-        "status": "failed", "epochs": 2, "error": "RuntimeError: first line",
-    }
-
-
 def test_report_command_on_an_existing_folder(tmp_path):
     fake_job(tmp_path, 0, ["optimizer.lr=0.01"], ok(0.97, 0.97))
     fake_job(tmp_path, 1, ["optimizer.lr=0.1"], ok(0.98, 0.97))
@@ -143,7 +136,11 @@ def test_a_failing_job_is_listed_and_the_others_finish(synthetic_dir, tmp_path):
     sweep = tmp_path / "sweep"
     result = run_train("-m", *smoke_overrides(synthetic_dir, "model=softmax"), "optimizer.lr=0.01,0.05,-1,0.1",
                        f"hydra.sweep.dir={sweep}", timeout=300)
-    assert result.returncode != 0
+    # It ends with its report and one line, not a traceback.
+    assert result.returncode == 1 and "Traceback" not in result.stderr + result.stdout, result.stderr
+    assert f"Sweep report: {sweep / 'summary.md'}" in result.stdout
+    assert result.stderr.rstrip().splitlines()[-1] == "Error: 1 job(s) failed (2): see the report above"
+    assert "Error: optimizer.lr must be > 0" in result.stdout  # the job's own line, in its log
     table = rows(sweep)
     assert [r["status"] for r in table] == ["ok", "ok", "failed", "ok"]
     assert "optimizer.lr must be > 0" in table[2]["error"]
@@ -259,7 +256,7 @@ def test_submitit_jobs_use_the_cpus_they_were_given():
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from mnist_lab.train import threads_per_job
+    from mnist_lab.app import threads_per_job
 
     assert threads_per_job(OmegaConf.create({"mode": RunMode.MULTIRUN, "launcher": {"cpus_per_task": 3}})) == 3
     assert threads_per_job(OmegaConf.create({"mode": RunMode.RUN, "launcher": {"cpus_per_task": 3}})) is None
@@ -270,7 +267,7 @@ def test_parallel_jobs_share_the_cores(n_jobs, cores, expected, monkeypatch):
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from mnist_lab.train import threads_per_job
+    from mnist_lab.app import threads_per_job
 
     monkeypatch.setattr("os.cpu_count", lambda: cores)
     hydra_cfg = OmegaConf.create({"mode": RunMode.MULTIRUN, "launcher": {"n_jobs": n_jobs}})

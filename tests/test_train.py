@@ -76,7 +76,7 @@ def test_event_files_hold_the_scalars_and_hparams_with_metrics(name, smoke_runs)
 
 
 def test_hparams_have_the_same_keys_across_a_sweep(make_cfg):
-    from mnist_lab.train import hparams_of
+    from mnist_lab.hparams import hparams_of
 
     sweep = [["model=lenet", "optimizer=sgd", "model.dropout=0.1"], ["model=mlp", "optimizer=adam", "model.dropout=0.3"]]
     params = [hparams_of(make_cfg(*overrides), overrides) for overrides in sweep]
@@ -203,3 +203,44 @@ def test_lenet_reaches_98_percent_in_one_epoch_on_real_mnist(real_data_dir, make
                    "callbacks.progress_bar=null", "+trainer.enable_progress_bar=false")
     metrics = run(cfg, tmp_path)
     assert metrics["test/acc"] >= 0.98
+
+
+# Every option of `python train.py --help`, given a value out of range, malformed or extreme: one
+# line naming the option (or its group, with PyTorch's or Lightning's own reason) and a way out.
+BAD_VALUES = [
+    ("seed=-1", "seed must be at least 0"),
+    ("seed=abc", "seed must be at least 0 (a whole number below 2**32), got 'abc'"),
+    ("compile=abc", "compile must be true or false"),
+    ("data.split_seed=abc", "data.split_seed must be a whole number"),
+    ("data.num_workers=-1", "data.num_workers must be a whole number"),
+    ("data.download=abc", "data.download must be true or false"),
+    ("data.on_device=abc", "data.on_device must be true or false"),
+    ("data.std=0", "data.std > 0"),
+    ("data.dataset=CIFAR10", "data.dataset='CIFAR10' is not an MNIST-format dataset"),
+    ("augment=affine data.augment.scale=abc", "data: TypeError"),
+    ("model.dropout=2", "model: ValueError: dropout probability has to be between 0 and 1"),
+    ("model=mlp model.hidden_sizes=[-1]", "model: RuntimeError"),
+    ("optimizer.lr=1e308", "optimizer.lr=1e+308 is beyond float32's range"),
+    ("optimizer.momentum=-1", "optimizer: ValueError: Invalid momentum value: -1"),
+    ("optimizer=adam optimizer.betas=[2,3]", "optimizer: ValueError: Invalid beta parameter"),
+    ("scheduler.pct_start=2", "scheduler: ValueError: Expected float between 0 and 1 pct_start"),
+    ("scheduler=step scheduler.step_size=0", "scheduler.step_size must be a positive integer"),
+    ("scheduler=cosine scheduler.T_max=0", "scheduler.T_max must be a positive integer"),
+    ("scheduler.interval=foo", "scheduler.interval must be step or epoch"),
+    ("trainer.accelerator=foo", "trainer: ValueError: You selected an invalid accelerator name"),
+    ("trainer.devices=0", "trainer: MisconfigurationException"),
+    ("trainer.precision=foo", "trainer: ValueError: Precision 'foo' is invalid"),
+    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps must be at least 1"),
+    ("callbacks.checkpoint.monitor=val/loss", "callbacks.checkpoint keeps the best val/acc"),
+    ("callbacks.lr_monitor.logging_interval=foo", "callbacks.lr_monitor: MisconfigurationException"),
+    ("callbacks.test_figures.samples=0", "callbacks.test_figures.samples must be from 1 to 1024"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_VALUES, ids=[o for o, _ in BAD_VALUES])
+def test_a_bad_value_of_any_option_gets_one_line(overrides, message, synthetic_dir, make_cfg, tmp_path):
+    cfg = make_cfg(*smoke_overrides(synthetic_dir, "model=softmax", "callbacks.model_summary=null"), *overrides.split())
+    with pytest.raises(InputError) as refused:
+        run(cfg, tmp_path / "run")
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # found before training

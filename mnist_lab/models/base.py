@@ -11,7 +11,7 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from mnist_lab.errors import InputError
+from mnist_lab.errors import Diverged, InputError, config_errors
 
 if TYPE_CHECKING:
     from mnist_lab.captured import CapturedSteps
@@ -42,6 +42,8 @@ class ImageClassifier(pl.LightningModule):
         lr = (optimizer or {}).get("lr", 1)
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
             raise InputError(f"optimizer.lr must be > 0, got {lr!r}: pass e.g. optimizer.lr=0.01")
+        if not lr < torch.finfo(torch.float32).max:  # the optimizer's float32 state could not hold it
+            raise InputError(f"optimizer.lr={lr} is beyond float32's range: pass e.g. optimizer.lr=0.01")
         # Collects the subclass's __init__ arguments too.
         self.save_hyperparameters()
         # Training accuracy is counted at the end of the epoch, from each step's predicted classes
@@ -80,7 +82,7 @@ class ImageClassifier(pl.LightningModule):
         value = loss.item()
         if not math.isfinite(value):
             where = "at" if loss.device.type == "cpu" else "by"
-            raise InputError(
+            raise Diverged(
                 f"training diverged: the loss is {value} {where} step {self.global_step}; "
                 f"lower the learning rate (optimizer.lr={self.hparams.optimizer['lr']})"
             )
@@ -159,7 +161,8 @@ class ImageClassifier(pl.LightningModule):
         if self.captured is not None:  # the fused optimizer, reading a learning rate the graph can follow
             options = self.captured.optimizer_options(self.hparams.optimizer["_target_"], self.hparams.optimizer["lr"],
                                                       self.device)
-        optimizer = instantiate(self.hparams.optimizer, params=self.parameters(), **options)
+        with config_errors("optimizer"):
+            optimizer = instantiate(self.hparams.optimizer, params=self.parameters(), **options)
         if self.hparams.scheduler is None:
             return {"optimizer": optimizer}
         scheduler = dict(self.hparams.scheduler)
@@ -168,7 +171,13 @@ class ImageClassifier(pl.LightningModule):
         for key in SCHEDULE_LENGTH_ARGS:
             if key in scheduler and scheduler[key] is None:
                 scheduler[key] = int(length)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": instantiate(scheduler, optimizer=optimizer), "interval": interval, "name": "train/lr"},
-        }
+        for key in (*SCHEDULE_LENGTH_ARGS, "step_size"):  # PyTorch divides by them only when it steps
+            if key in scheduler and (isinstance(scheduler[key], bool) or not isinstance(scheduler[key], int)
+                                     or scheduler[key] < 1):
+                raise InputError(f"scheduler.{key} must be a positive integer, got {scheduler[key]!r}: "
+                                 f"pass e.g. scheduler.{key}=10, or leave it out")
+        if interval not in ("step", "epoch"):
+            raise InputError(f"scheduler.interval must be step or epoch, got {interval!r}: pass scheduler.interval=step")
+        with config_errors("scheduler"):
+            built = instantiate(scheduler, optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": built, "interval": interval, "name": "train/lr"}}

@@ -1,0 +1,181 @@
+"""Everything that talks to Hydra's runtime: train.py's job, the checks of the run and sweep
+folders before Hydra writes into them, the sweep report after every job, and how jobs share a
+machine."""
+
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn
+from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
+
+from mnist_lab.callbacks import Interrupted
+from mnist_lab.errors import InputError
+from mnist_lab.report import load_jobs, recorded_sweep_keys, sweep_keys, write_report
+from mnist_lab.run_folder import (
+    LAST_CHECKPOINT, SWEEP_FILE, check_resume_command, check_run_folder, check_sweep_folder, claim, ensure_writable,
+    record_failed, resume_checkpoint, resume_command, resume_config,
+)
+from mnist_lab.train import run
+
+log = logging.getLogger(__name__)
+
+
+def job(cfg: DictConfig) -> float:
+    """One run, or one job of a sweep, in the folder Hydra made for it: val/acc for a sweeper. A
+    failed job of a sweep is recorded and the sweep goes on; SweepReport sums up at the end."""
+    hydra_cfg = HydraConfig.get()
+    if threads := threads_per_job(hydra_cfg):
+        torch.set_num_threads(threads)
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    overrides = list(hydra_cfg.overrides.task)
+    try:
+        if cfg.resume:  # the run's own settings, rebuilt from conf/ and the overrides it was started with
+            cfg, overrides = resume_config(out_dir, compose_train, cfg.trusted_targets)
+        if multirun:  # again for each job: a swept trainer (trainer=cpu,ddp_cpu) is not in the sweep's config
+            check_multirun_strategy(cfg, hydra_cfg.launcher.get("_target_"))
+        # In a sweep, the TensorBoard run is named by the swept values: lr=0.01,batch_size=64.
+        swept = recorded_sweep_keys(hydra_cfg.sweep.dir) if multirun else []
+        resume_from = resume_checkpoint(out_dir)  # a stopped run's folder, given again: it goes on
+        metrics = run(cfg, out_dir, overrides, swept, resume_from)
+    except Interrupted as e:
+        if (out_dir / LAST_CHECKPOINT).is_file():
+            print(f"Stopped by {e.signal_name}; a checkpoint is saved. Resume with:\n  {resume_command(out_dir)}",
+                  file=sys.stderr)
+        else:
+            print(f"Stopped by {e.signal_name} before the first checkpoint: start the run again", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except Exception as e:  # noqa: BLE001  every failure is recorded; bad input and the machine's get one line
+        return failed(out_dir, e, multirun)
+    if resume_from and (out_dir.parent / SWEEP_FILE).is_file():
+        write_report(out_dir.parent)  # a sweep job resumed on its own: the sweep's report catches up
+    return metrics["val/acc"]
+
+
+def failed(out_dir: Path, error: Exception, multirun: bool) -> float:
+    """Record a failed run in its metrics.json and say so in one line: bad input, or the machine's
+    fault (a full disk, memory), with how to go on. A bug's traceback goes to the log too."""
+    if isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__  # the error raised by the object Hydra was building
+    resumable = record_failed(out_dir, error) if rank_zero_only.rank == 0 else False
+    ours = isinstance(error, (InputError, OSError, MemoryError, torch.cuda.OutOfMemoryError))
+    lines = str(error).strip().splitlines()
+    line = str(error) if isinstance(error, InputError) else f"{type(error).__name__}: {lines[0] if lines else ''}"
+    if resumable and resume_checkpoint(out_dir, quiet=True) is not None:
+        line += f". The run can go on from its last checkpoint: {resume_command(out_dir)}"
+    if multirun:
+        if not ours:
+            log.error("job failed", exc_info=error)
+        log.error("Error: %s", line)
+        return math.nan  # a failed trial to a sweeper; the basic sweeper goes on to the next job
+    if ours:
+        sys.exit(f"Error: {line}")
+    raise error
+
+
+def compose_train(overrides: list[str]) -> DictConfig:
+    """conf/train.yaml with `overrides`, inside the running Hydra app."""
+    return compose("train", overrides)
+
+
+class CheckOutputDir(Callback):
+    """Before Hydra writes into the run or sweep folder, refuses one that is unwritable, holds
+    files mnist_lab did not write or another run or sweep, or is a bad resume=, with one message;
+    then locks it for this process."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if rank_zero_only.rank != 0:  # DDP's other processes run in the first one's folder
+            return
+        folder = Path(config.hydra.run.dir)
+        if config.get("resume"):
+            def check() -> None:
+                check_resume_command(folder, config.hydra.overrides.task)
+                resume_config(folder, compose_train, config.trusted_targets)  # refuses code the folder names
+
+            self._check(folder, check)
+        else:
+            self._check(folder, lambda: check_run_folder(folder, config))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        def check() -> None:
+            check_sweep_folder(Path(config.hydra.sweep.dir))
+            # trainer=ddp for the whole sweep: refused before any job
+            check_multirun_strategy(config, OmegaConf.select(config, "hydra.launcher._target_"))
+
+        self._check(Path(config.hydra.sweep.dir), check)
+
+    @staticmethod
+    def _check(folder: Path, check: Callable[[], Any]) -> None:
+        try:
+            check()
+            ensure_writable(folder)
+            claim(folder)
+        except InputError as e:
+            sys.exit(f"Error: {e}")
+        except Exception as e:  # noqa: BLE001  Hydra would only warn and go on: fail closed instead
+            sys.exit(f"Error: could not check the output folder {folder}: {type(e).__name__}: {e}")
+
+
+class SweepReport(Callback):
+    """Records the swept keys when a multirun starts (jobs name their TensorBoard runs by them),
+    rewrites the sweep's report after every job, and ends a sweep with a failed job with its
+    summary and a non-zero exit."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps({"swept": sweep_keys(config)}, indent=2) + "\n")
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if config.hydra.mode == RunMode.MULTIRUN:
+            write_report(config.hydra.sweep.dir)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not Path(config.hydra.sweep.dir).is_dir():
+            return
+        print(f"Sweep report: {write_report(config.hydra.sweep.dir)}")
+        failed_jobs = [job["job"] for job in load_jobs(Path(config.hydra.sweep.dir)) if job.get("status") == "failed"]
+        if failed_jobs:
+            sys.exit(f"Error: {len(failed_jobs)} job(s) failed ({', '.join(failed_jobs)}): see the report above")
+
+
+def check_multirun_strategy(cfg: DictConfig, launcher: str | None) -> None:
+    """Lightning starts DDP's other processes by running the command line again: inside -m that
+    would start the whole sweep again. With the SLURM launcher (`launcher`, the hydra.launcher
+    target) and one task per device, the tasks are the processes."""
+    strategy = str(cfg.trainer.get("strategy", ""))
+    on_slurm = (launcher or "").endswith("SlurmLauncher") or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    if strategy.startswith("ddp") and not on_slurm:
+        raise InputError(
+            f"trainer.strategy={strategy} cannot run inside -m here: Lightning would start each extra process by "
+            "running this whole sweep again. Run it without -m, one configuration at a time, or sweep on a "
+            "cluster with hydra/launcher=slurm and hydra.launcher.tasks_per_node=<devices> (one task per device)"
+        )
+
+
+def threads_per_job(hydra_cfg: DictConfig) -> int | None:
+    """CPU threads for each job when a launcher runs jobs side by side, so that they share the
+    cores instead of fighting over them: the cores over hydra.launcher.n_jobs (joblib), or
+    hydra.launcher.cpus_per_task (submitit); None when jobs run one at a time."""
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    if cpus := OmegaConf.select(hydra_cfg, "launcher.cpus_per_task"):
+        return cpus
+    n_jobs = OmegaConf.select(hydra_cfg, "launcher.n_jobs")
+    if n_jobs is None:
+        return None
+    cores = os.cpu_count() or 1
+    return max(1, cores // (cores if n_jobs < 0 else min(n_jobs, cores)))

@@ -1,0 +1,341 @@
+"""Run folders and sweep folders: their files, their lock, their status in metrics.json (this
+module is its only writer), and every decision about them: whether a folder may be used, whether
+a run goes on, from which checkpoint, and with what configuration.
+
+A run folder holds .hydra/ (config.yaml, overrides.yaml), checkpoints/ (last.ckpt and the best),
+metrics.json, the TensorBoard event files, curves.png and train.log. metrics.json's status:
+  ok           finished and tested: final
+  interrupted  stopped by a signal, with `resume` saying how to go on
+  failed       stopped by an error, with `error`; `resumable` false only when the run diverged
+A run killed outright leaves no metrics.json: its last.ckpt says where it got to.
+"""
+
+import fcntl
+import fnmatch
+import importlib
+import json
+import logging
+import os
+import shlex
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from mnist_lab.errors import Diverged, InputError
+
+CHECKPOINTS = Path("checkpoints")
+LAST_CHECKPOINT = CHECKPOINTS / "last.ckpt"
+CONFIG_FILE = Path(".hydra") / "config.yaml"
+OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
+METRICS_FILE = "metrics.json"
+LOCK_FILE = ".lock"
+SWEEP_FILE = "sweep.json"  # the swept keys, written into a sweep folder when the multirun starts
+
+# What mnist_lab writes at the top of a run folder. It may also hold TensorBoard runs: folders of
+# event files (a sweep job's is named by its swept values).
+RUN_FILES = (LOCK_FILE, ".hydra", str(CHECKPOINTS), METRICS_FILE, f".{METRICS_FILE}.*", "curves.png", "*.log",
+             "events.out.tfevents.*", "hparams.yaml", ".write_test")
+TENSORBOARD_FILES = ("events.out.tfevents.*", "hparams.yaml")
+
+# The modules whose classes conf/ names as _target_ (tests/test_run_folder.py keeps this in step
+# with conf/): a resumed run builds nothing else unless told to (`trusted_targets=`).
+TRUSTED_MODULES = (
+    "mnist_lab.augment", "mnist_lab.callbacks", "mnist_lab.data", "mnist_lab.models",
+    "pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.loggers", "torch.optim",
+    "torch.optim.lr_scheduler",
+)
+
+log = logging.getLogger(__name__)
+_held_locks: list[IO[str]] = []  # open for the life of the process: the lock goes with it, even on SIGKILL
+
+# conf/train.yaml: resume=<folder> makes that folder the run's, and keeps its .hydra/ as it was started.
+OmegaConf.register_new_resolver("mnist_lab.resume_or", lambda resume, new: resume or new)
+OmegaConf.register_new_resolver("mnist_lab.unless_resume", lambda resume, value: None if resume else value)
+
+
+def ensure_writable(folder: Path) -> None:
+    """Create `folder` and prove it writable, or raise an InputError that says how to fix it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(
+            f"cannot write to the output folder {folder} ({e.strerror}): pass a writable one with "
+            "hydra.run.dir=... (hydra.sweep.dir=... for -m), or run from a writable directory"
+        ) from None
+
+
+def claim(folder: Path) -> None:
+    """Lock `folder` for this process, or refuse: two runs must never write into one folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = open(folder / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip() or "?"
+        lock.close()
+        raise InputError(
+            f"{folder} is in use by another run (process {owner}): wait for it to end, or pass another "
+            "folder with hydra.run.dir=... (hydra.sweep.dir=... for -m)"
+        ) from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    _held_locks.append(lock)
+
+
+def foreign_file(folder: Path, sweep: bool = False) -> Path | None:
+    """A file or folder in `folder` that mnist_lab did not write there, if any. Ours are marked by
+    the lock (or, for a sweep's job, Hydra's .hydra/hydra.yaml), and hold only what mnist_lab
+    writes: files with the same names in a folder without the mark are someone else's."""
+    entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    if sweep:  # a new sweep's folder: empty but for the lock of a sweep that never started
+        return next((e for e in entries if e.name not in (LOCK_FILE, ".write_test")), None)
+    if entries and not ((folder / LOCK_FILE).is_file() or (folder / ".hydra" / "hydra.yaml").is_file()):
+        return entries[0]
+    for entry in entries:
+        if _matches(entry.name, RUN_FILES):
+            continue
+        if entry.is_dir() and not entry.is_symlink():  # a TensorBoard run: event files only
+            inner = next((f for f in entry.iterdir() if not (f.is_file() and _matches(f.name, TENSORBOARD_FILES))), None)
+            if inner is None:
+                continue
+            return inner
+        return entry
+    return None
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def check_ours(folder: Path, sweep: bool = False) -> None:
+    """Refuse a folder holding anything mnist_lab did not write: it would overwrite or mix with it."""
+    if (found := foreign_file(folder, sweep)) is not None:
+        option = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+        raise InputError(f"{folder} holds {found.relative_to(folder)}, which mnist_lab did not write: it writes only "
+                         f"into new folders or its own; pass an empty or new folder with {option}=...")
+
+
+def read_metrics(folder: Path) -> dict[str, Any]:
+    """A run folder's metrics.json; empty if it has none (a run killed outright) or it is unreadable."""
+    try:
+        metrics = json.loads((folder / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return metrics if isinstance(metrics, dict) else {}
+
+
+def record_finished(folder: Path, metrics: dict[str, Any]) -> None:
+    """metrics.json of a run that finished: status ok and its results."""
+    _write_metrics(folder, {**metrics, "status": "ok"})
+
+
+def record_interrupted(folder: Path, signal_name: str, step: int) -> None:
+    """metrics.json says the run was stopped, where, and how to go on."""
+    checkpoint = (folder / LAST_CHECKPOINT).is_file()
+    _write_metrics(folder, {"status": "interrupted", "signal": signal_name, "step": step,
+                            "checkpoint": str(LAST_CHECKPOINT) if checkpoint else None,
+                            "resume": resume_command(folder) if checkpoint else None})
+
+
+def record_failed(folder: Path, error: BaseException) -> bool:
+    """Mark the run failed, keeping the metrics it already wrote; return whether it can go on: only
+    a run that diverged cannot (a full disk, a lost GPU or a bug fixed later are not its own fault)."""
+    resumable = not isinstance(error, Diverged)
+    lines = str(error).strip().splitlines()
+    metrics = {k: v for k, v in read_metrics(folder).items() if k not in ("signal", "resume")}
+    metrics.update(status="failed", error=f"{type(error).__name__}: {lines[0] if lines else ''}", resumable=resumable)
+    if resumable and resume_checkpoint(folder, quiet=True) is not None:
+        metrics["resume"] = resume_command(folder)
+    try:
+        _write_metrics(folder, metrics)
+    except OSError as e:  # the disk that failed the run may refuse this too: the error is still reported
+        log.warning("could not record the failure in %s: %s", folder / METRICS_FILE, e)
+    return resumable
+
+
+def _write_metrics(folder: Path, metrics: dict[str, Any]) -> None:
+    partial = folder / f".{METRICS_FILE}.{os.getpid()}"  # whole or not at all, even on a full disk
+    try:
+        partial.write_text(json.dumps(metrics, indent=2) + "\n")
+        partial.replace(folder / METRICS_FILE)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def resume_command(folder: Path) -> str:
+    return f"python train.py resume={shlex.quote(str(folder))}"
+
+
+def start_over_command(folder: Path) -> str:
+    """The command that started the run in `folder`, for a new run folder."""
+    overrides = _recorded_overrides(folder) if (folder / OVERRIDES_FILE).is_file() else []
+    return " ".join(["python train.py", *map(shlex.quote, overrides)])
+
+
+def resume_checkpoint(folder: Path, quiet: bool = False) -> Path | None:
+    """The checkpoint a run in `folder` goes on from: last.ckpt, or, if that does not load (damaged
+    outside mnist_lab, which writes it whole), the newest other one that does. None without one."""
+    candidates = sorted((folder / CHECKPOINTS).glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", -p.stat().st_mtime))
+    if not candidates:
+        return None
+    from mnist_lab.checkpoint import read_checkpoint  # torch: only where there is a checkpoint to read
+
+    for path in candidates:
+        try:
+            checkpoint = read_checkpoint(path)
+        except InputError as e:
+            if not quiet:
+                log.warning("%s", e)
+            continue
+        if "loops" in checkpoint and "optimizer_states" in checkpoint:  # the whole training state
+            if path != folder / LAST_CHECKPOINT and not quiet:
+                log.warning("going on from %s (step %s) instead", path, checkpoint.get("global_step"))
+            return path
+    return None
+
+
+def check_resumable(folder: Path) -> Path:
+    """The checkpoint the run in `folder` goes on from, or an InputError saying why it cannot and how
+    to start over."""
+    if not (folder / CONFIG_FILE).is_file() or not (folder / OVERRIDES_FILE).is_file():
+        raise InputError(f"resume={folder}: not a run folder (no {OVERRIDES_FILE} in it): pass a folder under outputs/runs/")
+    check_ours(folder)
+    metrics = read_metrics(folder)
+    if metrics.get("status") == "ok":
+        raise InputError(f"resume={folder}: that run finished already ({folder / METRICS_FILE}): nothing to resume")
+    if metrics.get("status") == "failed" and metrics.get("resumable") is False:
+        raise InputError(f"resume={folder}: that run cannot go on ({metrics.get('error')}); start over in a new folder "
+                         f"with: {start_over_command(folder)}")
+    checkpoint = resume_checkpoint(folder)
+    if checkpoint is None:
+        raise InputError(
+            f"resume={folder}: the run has no checkpoint that loads ({LAST_CHECKPOINT} is written at the end of each "
+            f"epoch and when the run is stopped with Ctrl-C or SIGTERM); start it again with: {start_over_command(folder)}"
+        )
+    return checkpoint
+
+
+def check_run_folder(folder: Path, config: DictConfig) -> None:
+    """Refuse to start a run in a folder that holds anything else. A run stopped or killed there,
+    with the same settings, is resumed: that is rerunning a command with the same hydra.run.dir."""
+    check_ours(folder)
+    status = read_metrics(folder).get("status")
+    checkpoint = (folder / CHECKPOINTS).is_dir() and any((folder / CHECKPOINTS).glob("*.ckpt"))
+    if status == "ok" or (status == "failed" and not checkpoint):
+        raise InputError(
+            f"{folder} already holds a {'finished' if status == 'ok' else 'failed'} run: pass a new folder with "
+            "hydra.run.dir=..., or delete that one to run again there"
+        )
+    if not checkpoint or not (folder / CONFIG_FILE).is_file():
+        return
+    check_resumable(folder)  # a diverged run, or no checkpoint that loads: refused, saying how to start over
+    task = OmegaConf.to_container(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
+    if differences := _differences(_recorded_config(folder), task):
+        raise InputError(
+            f"{folder} holds a stopped run with other settings ({', '.join(differences[:5])}): resume it as it was "
+            f"with resume={shlex.quote(str(folder))}, or pass a new folder with hydra.run.dir=..."
+        )
+
+
+def check_sweep_folder(folder: Path) -> None:
+    if (folder / SWEEP_FILE).exists() or (folder / "multirun.yaml").exists():
+        raise InputError(f"{folder} already holds a sweep: pass a new folder with hydra.sweep.dir=..., or delete that one")
+    check_ours(folder, sweep=True)
+
+
+def check_resume_command(folder: Path, overrides: Sequence[str]) -> Path:
+    """resume=<folder> [trusted_targets=[...]]: the run goes on with the settings it was started with."""
+    if others := [o for o in overrides if not o.startswith(("resume=", "trusted_targets="))]:
+        raise InputError(
+            f"resume= continues a run with the settings it was started with; {' '.join(others)} would not "
+            "apply: drop it, or start a new run"
+        )
+    return check_resumable(folder)
+
+
+def resume_config(folder: Path, compose: Callable[[list[str]], DictConfig], trusted: Sequence[str] = ()
+                  ) -> tuple[DictConfig, list[str]]:
+    """The configuration of the run in `folder`, rebuilt by `compose` from conf/ and the overrides it
+    was started with, and those overrides. Its .hydra/ is data, never code: a _target_ outside
+    TRUSTED_MODULES is refused unless `trusted` names it."""
+    overrides = _recorded_overrides(folder)
+    try:
+        cfg = compose(overrides)
+    except Exception as e:  # noqa: BLE001  Hydra's errors for an override that no longer composes
+        raise InputError(f"resume={folder}: its overrides ({folder / OVERRIDES_FILE}) no longer compose with conf/: "
+                         f"{str(e).splitlines()[0]}") from None
+    if untrusted := [t for t in targets(cfg) if t not in trusted and not is_trusted(t)]:
+        raise InputError(
+            f"resume={folder}: its settings name {untrusted[0]} as a _target_, which is outside mnist_lab's own config "
+            f"groups, and a run folder may come from anyone. If you started this run with it, resume with: "
+            f"{resume_command(folder)} 'trusted_targets=[{','.join(untrusted)}]'"
+        )
+    if differences := _differences(_recorded_config(folder), OmegaConf.to_container(cfg)):
+        log.warning("conf/ has changed since this run started; it goes on with today's settings: %s",
+                    ", ".join(differences[:10]))
+    return cfg, overrides
+
+
+def targets(cfg: DictConfig) -> list[str]:
+    """Every _target_ in a configuration, at any depth, as instantiate would read it."""
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "_target_" in node:
+                found.append(str(node["_target_"]))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    try:
+        walk(OmegaConf.to_container(cfg, resolve=True))
+    except Exception as e:  # noqa: BLE001  an interpolation that does not resolve
+        raise InputError(f"the run's settings do not resolve: {str(e).splitlines()[0]}") from None
+    return found
+
+
+def is_trusted(target: str) -> bool:
+    """A class of one of TRUSTED_MODULES, named directly (module.Class: no attribute of an attribute)."""
+    module, _, name = target.rpartition(".")
+    if module not in TRUSTED_MODULES or not name.isidentifier() or name.startswith("_"):
+        return False
+    return isinstance(getattr(importlib.import_module(module), name, None), type)
+
+
+def _recorded_overrides(folder: Path) -> list[str]:
+    try:
+        overrides = OmegaConf.load(folder / OVERRIDES_FILE)
+    except Exception:  # noqa: BLE001  YAML's or OmegaConf's errors, or an unreadable file
+        overrides = None
+    if not OmegaConf.is_list(overrides) or not all(isinstance(o, str) for o in overrides):
+        raise InputError(f"{folder / OVERRIDES_FILE} is not a list of overrides: not a run folder that mnist_lab wrote")
+    return list(overrides)
+
+
+def _recorded_config(folder: Path) -> dict[str, Any]:
+    """The run's .hydra/config.yaml as plain data (never resolved: its values are only compared)."""
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(folder / CONFIG_FILE))
+    except Exception:  # noqa: BLE001  YAML's or OmegaConf's errors, or an unreadable file
+        config = None
+    if not isinstance(config, dict) or not config:
+        raise InputError(f"{folder / CONFIG_FILE} is not a config that mnist_lab wrote (empty or malformed): "
+                         "not a run folder to go on with; start a new run")
+    return config
+
+
+def _differences(saved: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain configs, as key=saved->new."""
+    if isinstance(saved, dict) and isinstance(new, dict):
+        return [d for k in sorted(saved.keys() | new.keys()) for d in _differences(saved.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if saved == new else [f"{prefix[:-1]}={saved}->{new}"]

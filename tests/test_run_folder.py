@@ -1,0 +1,249 @@
+"""Run folders as data: what resume will build, what survives a failure, whose files are whose
+(issue: one owner per concern)."""
+
+import json
+import pickle
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from mnist_lab.callbacks import TrainingState
+from mnist_lab.checkpoint import read_checkpoint
+from mnist_lab.errors import InputError
+from mnist_lab.run_folder import (
+    TRUSTED_MODULES, check_resume_command, check_resumable, foreign_file, is_trusted, record_failed, resume_command,
+    resume_config,
+)
+from tests.conftest import ROOT, run_train, smoke_overrides
+from tests.test_reliability import single_error
+
+KILLER = "tests.callbacks.KillAtEpoch"
+
+
+@pytest.fixture(scope="module")
+def finished_run(synthetic_dir, tmp_path_factory) -> Path:
+    from mnist_lab.train import run
+
+    run_dir = tmp_path_factory.mktemp("finished")
+    overrides = smoke_overrides(synthetic_dir, "model=softmax")
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides)
+    run(cfg, run_dir)
+    (run_dir / ".hydra").mkdir()  # as Hydra writes it
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create(overrides), run_dir / ".hydra" / "overrides.yaml")
+    (run_dir / ".hydra" / "hydra.yaml").write_text("hydra: {}\n")
+    return run_dir
+
+
+def killed_copy(finished_run: Path, folder: Path) -> Path:
+    """The finished run as a run killed outright after its last epoch: no metrics.json."""
+    shutil.copytree(finished_run, folder, ignore=shutil.ignore_patterns("metrics.json"))
+    return folder
+
+
+def add_override(folder: Path, override: str, key: str, value: dict) -> None:
+    overrides = OmegaConf.load(folder / ".hydra" / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create([*overrides, override]), folder / ".hydra" / "overrides.yaml")
+    config = OmegaConf.load(folder / ".hydra" / "config.yaml")
+    OmegaConf.update(config, key, value, force_add=True)
+    OmegaConf.save(config, folder / ".hydra" / "config.yaml")
+
+
+def compose_in_conf(overrides: list[str]):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides)
+
+
+def conf_targets() -> set[str]:
+    """Every _target_ that conf/ names for the run (Hydra's own launchers and callbacks aside)."""
+    found = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            found.update([node["_target_"]] if "_target_" in node else [])
+            for key, value in node.items():
+                walk(value) if key != "hydra" else None
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for path in (ROOT / "conf").rglob("*.yaml"):
+        if "hydra" not in path.relative_to(ROOT / "conf").parts:
+            walk(yaml.safe_load(path.read_text()))
+    return found
+
+
+def test_trusted_modules_are_the_modules_conf_names():
+    targets = conf_targets()
+    assert all(is_trusted(t) for t in targets), [t for t in targets if not is_trusted(t)]
+    assert {t.rpartition(".")[0] for t in targets} == set(TRUSTED_MODULES)
+
+
+@pytest.mark.parametrize("target", [
+    "torch.load", "os.system", "mnist_lab.checkpoint.torch.load", "mnist_lab.models.base", "builtins.eval",
+    "torch.optim._functional", "pytorch_lightning.seed_everything",
+])
+def test_code_outside_the_config_groups_is_not_trusted(target):
+    assert not is_trusted(target)
+
+
+def test_a_target_of_ones_own_resumes_only_when_trusted_on_the_command_line(finished_run, tmp_path):
+    folder = killed_copy(finished_run, tmp_path / "run")
+    add_override(folder, f"+callbacks.mine._target_={KILLER}", "callbacks.mine", {"_target_": KILLER})
+    with pytest.raises(InputError) as refused:
+        resume_config(folder, compose_in_conf)
+    assert KILLER in str(refused.value) and f"'trusted_targets=[{KILLER}]'" in str(refused.value)
+    assert check_resume_command(folder, [f"resume={folder}", f"trusted_targets=[{KILLER}]"]).name == "last.ckpt"
+    cfg, overrides = resume_config(folder, compose_in_conf, trusted=[KILLER])
+    assert cfg.callbacks.mine._target_ == KILLER and overrides[-1] == f"+callbacks.mine._target_={KILLER}"
+
+
+class Payload:
+    """Unpickled, it creates the file it names: proof that a pickle ran."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.mark.slow
+def test_a_run_folder_cannot_run_code(finished_run, tmp_path):
+    """A crafted .hydra/ naming torch.load on a pickle is refused before anything is built."""
+    folder = killed_copy(finished_run, tmp_path / "handed over")
+    marker, payload = tmp_path / "pwned", tmp_path / "payload.pkl"
+    payload.write_bytes(pickle.dumps(Payload(str(marker))))
+    evil = {"_target_": "torch.load", "f": str(payload), "weights_only": False}
+    add_override(folder, f"+callbacks.x={{_target_:torch.load,f:'{payload}',weights_only:false}}", "callbacks.x", evil)
+    assert compose_in_conf(OmegaConf.load(folder / ".hydra" / "overrides.yaml")).callbacks.x == evil  # it composes
+    error = single_error(run_train(f"resume={folder}"))
+    assert "name torch.load as a _target_" in error and "trusted_targets=[torch.load]" in error
+    assert not marker.exists() and not (folder / "metrics.json").exists()  # refused before writing anything
+
+
+def test_a_failure_that_is_not_the_runs_own_keeps_it_resumable(finished_run, tmp_path):
+    from mnist_lab.errors import Diverged
+
+    folder = killed_copy(finished_run, tmp_path / "run")
+    assert record_failed(folder, OSError(27, "File too large"))
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and metrics["resumable"] and metrics["resume"] == resume_command(folder)
+    assert check_resumable(folder) == folder / "checkpoints" / "last.ckpt"
+    assert not record_failed(folder, Diverged("training diverged: the loss is nan at step 3"))
+    with pytest.raises(InputError, match="cannot go on .*start over in a new folder with: python train.py data.data_dir="):
+        check_resumable(folder)
+
+
+def test_a_damaged_last_checkpoint_falls_back_to_an_older_one(finished_run, tmp_path):
+    folder = killed_copy(finished_run, tmp_path / "run")
+    last = folder / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # truncated by something other than mnist_lab
+    older = check_resumable(folder)
+    assert older != last and older.parent == last.parent and "optimizer_states" in read_checkpoint(older)
+
+
+def test_last_checkpoint_is_written_whole_or_not_at_all(tmp_path):
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"the previous epoch's state")
+
+    def full_disk(path, weights_only):
+        Path(path).write_bytes(b"half a check")
+        raise OSError(28, "No space left on device")
+
+    trainer = SimpleNamespace(save_checkpoint=full_disk, is_global_zero=True)
+    with pytest.raises(OSError):
+        TrainingState(last).on_train_epoch_end(trainer, None)
+    assert last.read_bytes() == b"the previous epoch's state"
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]  # no partial file left behind
+
+
+@pytest.mark.slow
+def test_a_resume_on_a_full_disk_leaves_the_run_resumable(synthetic_dir, tmp_path):
+    """kill -9 after the first epoch, resume once while the disk is full, then resume for real."""
+    folder = tmp_path / "run"
+    first = run_train(*smoke_overrides(synthetic_dir, "model=lenet", "trainer.max_epochs=3"),
+                      f"+callbacks.kill._target_={KILLER}", f"hydra.run.dir={folder}",
+                      env={"MNIST_LAB_TEST_KILL_AT_EPOCH": "1"})
+    assert first.returncode == -9 and not (folder / "metrics.json").exists(), first.stderr
+    before = (folder / "checkpoints" / "last.ckpt").read_bytes()
+    trust = f"trusted_targets=[{KILLER}]"
+    command = shlex.join([sys.executable, str(ROOT / "train.py"), f"resume={folder}", trust])
+    full = subprocess.run(["bash", "-c", f"trap '' XFSZ; ulimit -f 200; exec {command}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180)
+    error = single_error(full)
+    assert "File too large" in error and f"The run can go on from its last checkpoint: {resume_command(folder)}" in error
+    assert json.loads((folder / "metrics.json").read_text())["resumable"] is True
+    assert (folder / "checkpoints" / "last.ckpt").read_bytes() == before
+    resumed = run_train(f"resume={folder}", trust)
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["epochs"] == 3
+
+
+def test_a_folder_with_files_of_someone_elses_is_not_ours(finished_run, tmp_path):
+    assert foreign_file(finished_run) is None
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.json").write_text("{}")  # one of our names, in a folder mnist_lab did not make
+    assert foreign_file(mine) == mine / "metrics.json"
+    ours = killed_copy(finished_run, tmp_path / "ours")
+    (ours / "notes.txt").write_text("mine")
+    assert foreign_file(ours) == ours / "notes.txt"
+    assert foreign_file(tmp_path / "new") is None and foreign_file(tmp_path / "new", sweep=True) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sweep", [False, True], ids=["run", "sweep"])
+def test_a_folder_of_unrelated_files_is_refused_and_left_as_it_was(sweep, synthetic_dir, tmp_path):
+    folder = tmp_path / "papers"
+    folder.mkdir()
+    for name in ("metrics.json", "curves.png", "summary.md"):
+        (folder / name).write_text(f"the user's {name}")
+    args = ["-m", f"hydra.sweep.dir={folder}"] if sweep else [f"hydra.run.dir={folder}"]
+    error = single_error(run_train(*args, *smoke_overrides(synthetic_dir, "model=softmax")))
+    assert "curves.png, which mnist_lab did not write" in error and ("hydra.sweep.dir" if sweep else "hydra.run.dir") in error
+    assert sorted(p.name for p in folder.iterdir()) == ["curves.png", "metrics.json", "summary.md"]
+    assert all(p.read_text() == f"the user's {p.name}" for p in folder.iterdir())
+
+
+def test_the_resume_command_survives_a_path_with_spaces(tmp_path):
+    folder = tmp_path / "my runs" / "it's here"
+    assert shlex.split(resume_command(folder)) == ["python", "train.py", f"resume={folder}"]
+
+
+def test_a_resumed_checkpoint_that_does_not_fit_the_model_is_refused(finished_run, tmp_path):
+    from mnist_lab.models import LeNet
+    from mnist_lab.train import logger_run
+
+    with pytest.raises(InputError, match="does not hold this run's LeNet"):
+        logger_run(tmp_path, [], [], finished_run / "checkpoints" / "last.ckpt", LeNet())
+    assert torch.load(finished_run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] > 0
+
+
+@pytest.mark.parametrize("name", [".hydra/overrides.yaml", ".hydra/config.yaml", "metrics.json",
+                                  "checkpoints/last.ckpt"])
+@pytest.mark.parametrize("content", [b"", b"- data.data_dir=/tm\n- [", b"{{: [\x00\xff"], ids=["empty", "truncated", "malformed"])
+def test_a_damaged_run_folder_file_gets_one_line(name, content, finished_run, tmp_path):
+    """Each file resume reads, empty, truncated or malformed: one line naming it, or (metrics.json,
+    a checkpoint with an older one beside it) what the folder still says."""
+    folder = killed_copy(finished_run, tmp_path / "run")
+    (folder / name).write_bytes(content)
+    try:
+        check_resumable(folder)
+        resume_config(folder, compose_in_conf)
+    except InputError as e:
+        assert "\n" not in str(e) and (name in str(e) or Path(name).name in str(e)), e
+    else:
+        assert name in ("metrics.json", "checkpoints/last.ckpt")  # nothing else to go on with
