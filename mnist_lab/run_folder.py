@@ -278,8 +278,9 @@ def resume_config(folder: Path, compose: Callable[[list[str]], DictConfig], trus
             f"{resume_command(folder)} 'trusted_targets=[{','.join(untrusted)}]'"
         )
     if differences := _differences(_recorded_config(folder), OmegaConf.to_container(cfg)):
-        log.warning("conf/ has changed since this run started; it goes on with today's settings: %s",
-                    ", ".join(differences[:10]))
+        log.warning("%s differs from the run's settings rebuilt from conf/ and its overrides (conf/ changed since the "
+                    "run started, or the file was edited); it goes on with the rebuilt ones: %s",
+                    folder / CONFIG_FILE, ", ".join(differences[:10]))
     return cfg, overrides
 
 

@@ -43,14 +43,11 @@ def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swe
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, model = build(cfg)
     best, timer, state = best_checkpoint(cfg, out_dir), EpochTimer(), TrainingState(out_dir / LAST_CHECKPOINT)
-    callbacks = [*(build_callback(cfg, key) for key in cfg.callbacks if key != "checkpoint"), best, timer, state]
-    skip_idle_step_hooks([c for c in callbacks if c is not None])
+    callbacks = [c for key in cfg.callbacks if key != "checkpoint" and (c := build_callback(cfg, key)) is not None]
+    callbacks += [best, timer, state]
+    skip_idle_step_hooks(callbacks)
     logger_kwargs = logger_run(out_dir, swept, overrides, resume_from, model)
-    with config_errors("logger"):
-        logger = instantiate(cfg.logger, save_dir=str(out_dir), **logger_kwargs)
-    with config_errors("trainer"):
-        trainer: pl.Trainer = instantiate(cfg.trainer, default_root_dir=str(out_dir), logger=logger,
-                                          callbacks=[c for c in callbacks if c is not None])
+    trainer = build_trainer(cfg, out_dir, logger_kwargs, callbacks)
     with recording_stops(trainer, out_dir), stop_on_signals(state):
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         # Read now: testing the best checkpoint restores the callbacks' state as it was then.
@@ -65,7 +62,7 @@ def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swe
         **({"resumed_from_step": logger_kwargs["purge_step"]} if resume_from else {}),
     }
     if trainer.is_global_zero:  # DDP: one process writes the run's files
-        finish(cfg, out_dir, logger, metrics, overrides, swept)
+        finish(cfg, out_dir, trainer.logger, metrics, overrides, swept)
     return metrics
 
 
@@ -84,6 +81,15 @@ def best_checkpoint(cfg: DictConfig, out_dir: Path) -> ModelCheckpoint:
     if best.dirpath is None:
         best.dirpath = str(out_dir / "checkpoints")  # not under the logger's run name
     return best
+
+
+def build_trainer(cfg: DictConfig, out_dir: Path, logger_kwargs: dict[str, Any], callbacks: list[pl.Callback]
+                  ) -> pl.Trainer:
+    """The trainer, writing into out_dir through the configured logger."""
+    with config_errors("logger"):
+        logger = instantiate(cfg.logger, save_dir=str(out_dir), **logger_kwargs)
+    with config_errors("trainer"):
+        return instantiate(cfg.trainer, default_root_dir=str(out_dir), logger=logger, callbacks=callbacks)
 
 
 def build_callback(cfg: DictConfig, key: str) -> pl.Callback | None:
