@@ -76,6 +76,21 @@ def test_seeds_are_aggregated_as_mean_and_std(tmp_path):
         assert f"| {lr} | 3 | {val} | {test} |" in summary
 
 
+@pytest.mark.parametrize("damage", [
+    ("1/metrics.json", ""), ("1/metrics.json", '{"status": "ok", "val/acc": "high"'), ("1/metrics.json", "[1, 2]"),
+    ("1/.hydra/overrides.yaml", "- [unclosed"),
+], ids=["empty metrics", "truncated metrics", "metrics not a dict", "malformed overrides"])
+def test_one_bad_job_file_never_cancels_the_others(damage, tmp_path):
+    fake_job(tmp_path, 0, ["optimizer.lr=0.01"], ok(0.97, 0.97))
+    fake_job(tmp_path, 1, ["optimizer.lr=0.05"], ok(0.99, 0.99))
+    fake_job(tmp_path, 2, ["optimizer.lr=0.1"], ok(0.98, 0.97))
+    (tmp_path / damage[0]).write_text(damage[1])
+    write_report(tmp_path)
+    table = rows(tmp_path)
+    assert [r["status"] for r in table] == ["ok", "failed", "ok"] and "cannot read" in table[1]["error"]
+    assert table[2]["best"] == "True"  # chosen among the jobs that read
+
+
 def test_report_command_on_an_existing_folder(tmp_path):
     fake_job(tmp_path, 0, ["optimizer.lr=0.01"], ok(0.97, 0.97))
     fake_job(tmp_path, 1, ["optimizer.lr=0.1"], ok(0.98, 0.97))
