@@ -71,17 +71,17 @@ def failed(out_dir: Path, error: Exception, multirun: bool) -> float:
     if isinstance(error, InstantiationException) and error.__cause__ is not None:
         error = error.__cause__  # the error raised by the object Hydra was building
     resumable = record_failed(out_dir, error) if rank_zero_only.rank == 0 else False
-    ours = isinstance(error, (InputError, OSError, MemoryError, torch.cuda.OutOfMemoryError))
+    expected = isinstance(error, (InputError, OSError, MemoryError, torch.cuda.OutOfMemoryError))  # not a bug
     lines = str(error).strip().splitlines()
     line = str(error) if isinstance(error, InputError) else f"{type(error).__name__}: {lines[0] if lines else ''}"
     if resumable and resume_checkpoint(out_dir, quiet=True) is not None:
         line += f". The run can go on from its last checkpoint: {resume_command(out_dir)}"
     if multirun:
-        if not ours:
+        if not expected:
             log.error("job failed", exc_info=error)
         log.error("Error: %s", line)
         return math.nan  # a failed trial to a sweeper; the basic sweeper goes on to the next job
-    if ours:
+    if expected:
         sys.exit(f"Error: {line}")
     raise error
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from hydra.utils import get_class
 
 from mnist_lab.data import MNISTDataModule
@@ -65,9 +66,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     return model.to(device).eval(), dict(data) if isinstance(data, dict) else {}
 
 
-def test_data(data: dict[str, Any], data_dir: str | Path, dataset: str | None = None) -> MNISTDataModule:
-    """The official test set of `dataset` (default: the checkpoint's own), ready in .test_set,
-    with the normalization the model was trained with, whatever the data."""
+def datamodule_for(data: dict[str, Any], data_dir: str | Path, dataset: str | None = None) -> MNISTDataModule:
+    """A data module for a checkpoint's data settings `data`, its official test set of `dataset`
+    (default: the checkpoint's own) ready in .test_set, normalized as the model was trained."""
     datamodule = MNISTDataModule(
         data_dir=str(data_dir), dataset=dataset or data.get("dataset", "MNIST"), mean=data.get("mean", 0.1307),
         std=data.get("std", 0.3081), download=data.get("download", True),
@@ -81,6 +82,12 @@ def test_data(data: dict[str, Any], data_dir: str | Path, dataset: str | None = 
 def _model_class(path: Path, checkpoint: dict[str, Any]) -> type[ImageClassifier]:
     ours = checkpoint.get("mnist_lab")
     target = ours.get("model_class") if isinstance(ours, dict) else None
+    run_config = path.parent.parent / ".hydra" / "config.yaml"
+    if target is None and run_config.is_file():  # written before checkpoints named their class
+        try:
+            target = (yaml.safe_load(run_config.read_text()).get("model") or {}).get("_target_")
+        except (OSError, yaml.YAMLError, AttributeError):
+            target = None
     # Only our own model classes: importing a module named in a file would run its code.
     if not isinstance(target, str) or not target.startswith("mnist_lab.models.") or target.count(".") != 3:
         raise InputError(f"{path} does not say which mnist_lab model it holds (got {target!r}): {HINT}")

@@ -23,7 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_confusion_matrix
 
 from mnist_lab.augment import affine
-from mnist_lab.checkpoint import load_checkpoint, test_data
+from mnist_lab.checkpoint import datamodule_for, load_checkpoint
 from mnist_lab.data import dataset_name, normalize
 from mnist_lab.errors import InputError, one_line_errors
 from mnist_lab.figures import confusion_figure, mistakes_figure, most_confident
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, data_hparams = load_checkpoint(args.ckpt, device)
     out_dir = args.out or default_out_dir(type(model).__name__)
     check_out_dir(out_dir)  # before any work
-    datamodule = test_data(data_hparams, args.data_dir, args.dataset and dataset_name(args.dataset))
+    datamodule = datamodule_for(data_hparams, args.data_dir, args.dataset and dataset_name(args.dataset))
     images, labels = datamodule.test_set.images, datamodule.test_set.labels
     dataset, mean, std = datamodule.hparams.dataset, datamodule.hparams.mean, datamodule.hparams.std
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mnist_lab.checkpoint import load_checkpoint, test_data
+from mnist_lab.checkpoint import datamodule_for, load_checkpoint
 from mnist_lab.data import normalize
 from mnist_lab.errors import InputError, one_line_errors
 from mnist_lab.predict import OnnxClassifier, require
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: argparse.Namespace) -> float:
     check_out(args.out, args.ckpt)
     model, data = load_checkpoint(args.ckpt)
-    datamodule = test_data(data, args.data_dir)  # before exporting: a missing data set fails fast
+    datamodule = datamodule_for(data, args.data_dir)  # before exporting: a missing data set fails fast
     dataset, mean, std = datamodule.hparams.dataset, datamodule.hparams.mean, datamodule.hparams.std
     export_onnx(model, args.out, {"mnist_lab.mean": str(mean), "mnist_lab.std": str(std), "mnist_lab.dataset": dataset,
                                   "mnist_lab.model_class": f"{type(model).__module__}.{type(model).__qualname__}"})
