@@ -26,7 +26,7 @@ from mnist_lab.errors import InputError
 from mnist_lab.report import load_jobs, recorded_sweep_keys, sweep_keys, write_report
 from mnist_lab.run_folder import (
     LAST_CHECKPOINT, SWEEP_FILE, check_resume_command, check_run_folder, check_sweep_folder, claim, ensure_writable,
-    record_failed, resume_checkpoint, resume_command, resume_config,
+    earlier_attempt, record_failed, resume_checkpoint, resume_command, resume_config,
 )
 from mnist_lab.train import run
 
@@ -45,6 +45,8 @@ def job(cfg: DictConfig) -> float:
     try:
         if cfg.resume:  # the run's own settings, rebuilt from conf/ and the overrides it was started with
             cfg, overrides = resume_config(out_dir, compose_train, cfg.trusted_targets)
+        if multirun and (earlier := earlier_attempt(out_dir, cfg.rerun_failed)) is not None:
+            return kept(hydra_cfg.job.num, earlier)  # the same sweep again: this job is done
         if multirun:  # again for each job: a swept trainer (trainer=cpu,ddp_cpu) is not in the sweep's config
             check_multirun_strategy(cfg, hydra_cfg.launcher.get("_target_"))
         # In a sweep, the TensorBoard run is named by the swept values: lr=0.01,batch_size=64.
@@ -63,6 +65,16 @@ def job(cfg: DictConfig) -> float:
     if resume_from and (out_dir.parent / SWEEP_FILE).is_file():
         write_report(out_dir.parent)  # a sweep job resumed on its own: the sweep's report catches up
     return metrics["val/acc"]
+
+
+def kept(job: int, metrics: dict[str, Any]) -> float:
+    """A job that an earlier attempt at the same sweep ended: its result, not run again."""
+    if metrics["status"] == "ok":
+        log.info("Job %d finished in an earlier attempt at this sweep: kept (val/acc %.4f)", job, metrics["val/acc"])
+        return metrics["val/acc"]
+    log.error("Error: job %d failed in an earlier attempt at this sweep (%s): kept; add rerun_failed=true to run it "
+              "again", job, metrics.get("error"))
+    return math.nan
 
 
 def failed(out_dir: Path, error: Exception, multirun: bool) -> float:
@@ -111,7 +123,7 @@ class CheckOutputDir(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         def check() -> None:
-            check_sweep_folder(Path(config.hydra.sweep.dir))
+            check_sweep_folder(Path(config.hydra.sweep.dir), list(config.hydra.overrides.task))
             # trainer=ddp for the whole sweep: refused before any job
             check_multirun_strategy(config, OmegaConf.select(config, "hydra.launcher._target_"))
 

@@ -38,6 +38,10 @@ SWEEP_FILE = "sweep.json"  # the swept keys, written into a sweep folder when th
 RUN_FILES = (LOCK_FILE, ".hydra", str(CHECKPOINTS), METRICS_FILE, f".{METRICS_FILE}.*", "curves.png", "*.log",
              "events.out.tfevents.*", "hparams.yaml", ".write_test")
 TENSORBOARD_FILES = ("events.out.tfevents.*", "hparams.yaml")
+# ... and of a sweep folder, beside its job folders (named by number, each a run folder).
+SWEEP_FILES = (LOCK_FILE, "multirun.yaml", SWEEP_FILE, "summary.csv", "summary.md", "summary.png", ".*.summary.*",
+               ".write_test", "optimization_results.yaml")
+RERUN_FAILED = "rerun_failed"  # the config key that has a resumed sweep run its failed jobs again
 
 # The modules whose classes conf/ names as _target_ (tests/test_run_folder.py keeps this in step
 # with conf/): a resumed run builds nothing else unless told to (`trusted_targets=`).
@@ -244,10 +248,34 @@ def check_run_folder(folder: Path, config: DictConfig) -> None:
         )
 
 
-def check_sweep_folder(folder: Path) -> None:
-    if (folder / SWEEP_FILE).exists() or (folder / "multirun.yaml").exists():
-        raise InputError(f"{folder} already holds a sweep: pass a new folder with hydra.sweep.dir=..., or delete that one")
-    check_ours(folder, sweep=True)
+def check_sweep_folder(folder: Path, overrides: Sequence[str]) -> None:
+    """A new or empty folder, or the folder of the same sweep (the same command line, `overrides`),
+    which then goes on: finished jobs are kept, stopped ones resume, the others start."""
+    if not (folder / "multirun.yaml").exists() and not (folder / SWEEP_FILE).exists():
+        check_ours(folder, sweep=True)
+        return
+    try:
+        recorded = list(OmegaConf.select(OmegaConf.load(folder / "multirun.yaml"), "hydra.overrides.task"))
+    except Exception:  # noqa: BLE001  missing, malformed, or not ours
+        recorded = None
+    same = lambda texts: [o for o in texts if not o.startswith(f"{RERUN_FAILED}=")]  # noqa: E731
+    if recorded is None or same(recorded) != same(overrides):
+        raise InputError(f"{folder} already holds another sweep (its command line is in {folder / 'multirun.yaml'}): "
+                         "pass a new folder with hydra.sweep.dir=..., or that sweep's own command to finish it")
+    found = next((e for e in sorted(folder.iterdir()) if not _matches(e.name, SWEEP_FILES)
+                  and not (e.is_dir() and e.name.isdigit() and foreign_file(e) is None)), None)
+    if found is not None:
+        raise InputError(f"{folder} holds {found.relative_to(folder)}, which mnist_lab did not write: pass a new "
+                         "folder with hydra.sweep.dir=...")
+
+
+def earlier_attempt(folder: Path, rerun_failed: bool) -> dict[str, Any] | None:
+    """The metrics of a sweep job that an earlier attempt at the sweep finished, or failed (kept
+    failed unless `rerun_failed`); None when the job is to run, or go on from its checkpoint."""
+    metrics = read_metrics(folder)
+    if metrics.get("status") == "ok" or (metrics.get("status") == "failed" and not rerun_failed):
+        return metrics
+    return None
 
 
 def check_resume_command(folder: Path, overrides: Sequence[str]) -> Path:

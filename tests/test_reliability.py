@@ -241,7 +241,7 @@ def test_sweeps_started_together_get_their_own_folders_and_a_used_one_is_refused
     assert all(len(list(sweep.glob("*/metrics.json"))) == 1 for sweep in sweeps)
     error = single_error(run_train("-m", *smoke_overrides(synthetic_dir, "model=softmax"), "seed=1,2",
                                    f"hydra.sweep.dir={sweeps[0]}"))
-    assert f"{sweeps[0]} already holds a sweep" in error
+    assert f"{sweeps[0]} already holds another sweep" in error
 
 
 @pytest.mark.slow

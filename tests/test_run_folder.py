@@ -247,3 +247,47 @@ def test_a_damaged_run_folder_file_gets_one_line(name, content, finished_run, tm
         assert "\n" not in str(e) and (name in str(e) or Path(name).name in str(e)), e
     else:
         assert name in ("metrics.json", "checkpoints/last.ckpt")  # nothing else to go on with
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_halfway_goes_on_with_the_same_command_and_reports_the_same_best_job(synthetic_dir, tmp_path):
+    args = ["-m", *smoke_overrides(synthetic_dir, "model=softmax"), "optimizer.lr=0.01,0.3,0.05",
+            f"+callbacks.kill._target_={KILLER}"]
+    reference = run_train(*args, f"hydra.sweep.dir={tmp_path / 'reference'}")
+    assert reference.returncode == 0, reference.stderr
+    sweep = tmp_path / "sweep"
+    killed = run_train(*args, f"hydra.sweep.dir={sweep}",
+                       env={"MNIST_LAB_TEST_KILL_AT_EPOCH": "1", "MNIST_LAB_TEST_KILL_JOB": "1"})
+    assert killed.returncode == -9 and not (sweep / "2").exists()  # job 0 done, job 1 killed, job 2 not started
+    done = (sweep / "0" / "metrics.json").read_bytes()
+    resumed = run_train(*args, f"hydra.sweep.dir={sweep}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Job 0 finished in an earlier attempt at this sweep: kept" in resumed.stdout
+    assert (sweep / "0" / "metrics.json").read_bytes() == done  # not run again
+    table, expected = rows_of(sweep), rows_of(tmp_path / "reference")
+    assert [(r["status"], r["val/acc"], r["test/acc"], r["best"]) for r in table] == \
+        [(r["status"], r["val/acc"], r["test/acc"], r["best"]) for r in expected]
+    assert json.loads((sweep / "1" / "metrics.json").read_text())["resumed_from_step"] > 0
+
+
+def rows_of(sweep: Path) -> list[dict]:
+    import csv
+
+    with open(sweep / "summary.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_a_failed_job_reruns_only_when_asked_and_another_sweep_is_refused(synthetic_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", *smoke_overrides(synthetic_dir, "model=softmax"), "optimizer.lr=0.05,-1", f"hydra.sweep.dir={sweep}"]
+    assert run_train(*args).returncode == 1
+    failed = (sweep / "1" / "metrics.json").stat().st_mtime_ns
+    again = run_train(*args)
+    assert again.returncode == 1 and "job 1 failed in an earlier attempt at this sweep" in again.stdout
+    assert (sweep / "1" / "metrics.json").stat().st_mtime_ns == failed
+    rerun = run_train(*args, "rerun_failed=true")
+    assert rerun.returncode == 1 and "failed in an earlier attempt" not in rerun.stdout
+    assert (sweep / "1" / "metrics.json").stat().st_mtime_ns != failed  # it ran (and failed) again
+    other = single_error(run_train(*args[:-2], "optimizer.lr=0.1,0.2", f"hydra.sweep.dir={sweep}"))
+    assert "already holds another sweep" in other
