@@ -15,14 +15,13 @@ import torch
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn
-from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
 from mnist_lab.callbacks import Interrupted
-from mnist_lab.errors import InputError
+from mnist_lab.errors import InputError, cause_of
 from mnist_lab.report import load_jobs, recorded_sweep_keys, sweep_keys, write_report
 from mnist_lab.run_folder import (
     LAST_CHECKPOINT, SWEEP_FILE, check_resume_command, check_run_folder, check_sweep_folder, claim, ensure_writable,
@@ -80,14 +79,13 @@ def kept(job: int, metrics: dict[str, Any]) -> float:
 def failed(out_dir: Path, error: Exception, multirun: bool) -> float:
     """Record a failed run in its metrics.json and say so in one line: bad input, or the machine's
     fault (a full disk, memory), with how to go on. A bug's traceback goes to the log too."""
-    if isinstance(error, InstantiationException) and error.__cause__ is not None:
-        error = error.__cause__  # the error raised by the object Hydra was building
-    resumable = record_failed(out_dir, error) if rank_zero_only.rank == 0 else False
+    error = cause_of(error)
+    resume = record_failed(out_dir, error) if rank_zero_only.rank == 0 else None
     expected = isinstance(error, (InputError, OSError, MemoryError, torch.cuda.OutOfMemoryError))  # not a bug
     lines = str(error).strip().splitlines()
     line = str(error) if isinstance(error, InputError) else f"{type(error).__name__}: {lines[0] if lines else ''}"
-    if resumable and resume_checkpoint(out_dir, quiet=True) is not None:
-        line += f". The run can go on from its last checkpoint: {resume_command(out_dir)}"
+    if resume:
+        line += f". The run can go on from its last checkpoint: {resume}"
     if multirun:
         if not expected:
             log.error("job failed", exc_info=error)

@@ -230,7 +230,7 @@ class MNISTDataModule(pl.LightningDataModule):
         if dataset_cls is None:
             raise InputError(
                 f"data.dataset={dataset!r} is not an MNIST-format dataset of torchvision.datasets: "
-                "use MNIST, FashionMNIST or KMNIST"
+                f"use {', '.join(DATASETS[:-1])} or {DATASETS[-1]}"
             )
         if captured_steps and augment:
             raise InputError("compile=true does not support data.augment yet: pass augment=none, or drop compile=true")

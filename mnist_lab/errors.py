@@ -4,6 +4,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from hydra.errors import InstantiationException
+
 
 class InputError(Exception):
     """A bad config value, data file or output folder, found before any training."""
@@ -31,11 +33,16 @@ def config_errors(key: str) -> Iterator[None]:
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001  ValueError, TypeError, Lightning's MisconfigurationException, ...
-        cause = e
-        while type(cause).__name__ == "InstantiationException" and cause.__cause__ is not None:
-            cause = cause.__cause__  # Hydra's wrapper: the error of the object it was building
+        cause = cause_of(e)
         if isinstance(cause, InputError):
             raise cause from None
         lines = str(cause).strip().splitlines()
         raise InputError(f"{key}: {type(cause).__name__}: {lines[0] if lines else ''}: fix that {key} value "
                          "(python train.py --help lists them)") from None
+
+
+def cause_of(error: BaseException) -> BaseException:
+    """The error of the object Hydra was building, from inside its InstantiationExceptions."""
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__
+    return error

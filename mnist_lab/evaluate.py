@@ -166,7 +166,7 @@ def check_out_dir(out_dir: Path) -> None:
         others = [p.name for p in out_dir.iterdir() if not any(fnmatch.fnmatchcase(p.name, o) for o in OUTPUTS)]
         if others:
             raise InputError(f"--out {out_dir} holds {others[0]}, which evaluate did not write: pass a new or empty folder")
-    ensure_writable(out_dir)
+    ensure_writable(out_dir, fix="pass another folder with --out")
 
 
 def report(result: dict[str, Any], out_dir: Path) -> str:

@@ -19,6 +19,7 @@ from mnist_lab.checkpoint import datamodule_for, load_checkpoint
 from mnist_lab.data import normalize
 from mnist_lab.errors import InputError, one_line_errors
 from mnist_lab.predict import OnnxClassifier, require
+from mnist_lab.run_folder import ensure_writable
 
 TOLERANCE = 1e-4  # largest absolute logit difference between ONNX Runtime and PyTorch accepted
 PARITY_IMAGES = 1000  # real test digits compared
@@ -81,16 +82,11 @@ def check_out(out: Path, ckpt: Path) -> None:
     if out.is_dir():
         raise InputError(f"--out {out} is a folder: pass a file name in it, e.g. --out {out / 'model.onnx'}")
     if out.exists() or out.is_symlink():
-        what = "the checkpoint given as --ckpt" if ckpt.exists() and out.exists() and out.samefile(ckpt) else "a file"
+        what = "the checkpoint given as --ckpt" if ckpt.exists() and out.samefile(ckpt) else "a file"
         raise InputError(f"--out {out} is {what} already there: pass a new file name, or delete it first")
     if not out.parent.is_dir():
         raise InputError(f"no folder {out.parent} to write {out.name} into: create it or pass another --out")
-    probe = out.with_name(f".{out.name}.{os.getpid()}")
-    try:
-        probe.touch(exist_ok=False)
-        probe.unlink()
-    except OSError as e:
-        raise InputError(f"cannot write into {out.parent} ({e.strerror}): pass an --out in a writable folder") from None
+    ensure_writable(out.parent, fix="pass an --out in a writable folder")
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def to_mnist(image: Image.Image) -> torch.Tensor:
 def load_image(path: Path) -> torch.Tensor:
     try:
         with Image.open(path) as image:  # reads the header only
-            if image.width * image.height > MAX_PIXELS:  # Pillow itself allows 89 million, gigabytes as floats
+            if image.width * image.height > MAX_PIXELS:  # Pillow refuses only above 179 million: gigabytes as floats
                 raise InputError(f"{image.width} x {image.height} pixels is more than the {MAX_PIXELS / 1e6:.0f} megapixels "
                                  "predict reads: scale the image down (a digit needs a few hundred pixels)")
             image.load()

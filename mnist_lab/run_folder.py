@@ -59,18 +59,18 @@ OmegaConf.register_new_resolver("mnist_lab.resume_or", lambda resume, new: resum
 OmegaConf.register_new_resolver("mnist_lab.unless_resume", lambda resume, value: None if resume else value)
 
 
-def ensure_writable(folder: Path) -> None:
-    """Create `folder` and prove it writable, or raise an InputError that says how to fix it."""
+RUN_DIR_FIX = "pass a writable one with hydra.run.dir=... (hydra.sweep.dir=... for -m), or run from a writable directory"
+
+
+def ensure_writable(folder: Path, fix: str = RUN_DIR_FIX) -> None:
+    """Create `folder` and prove it writable, or raise an InputError that says how (`fix`)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".write_test"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise InputError(
-            f"cannot write to the output folder {folder} ({e.strerror}): pass a writable one with "
-            "hydra.run.dir=... (hydra.sweep.dir=... for -m), or run from a writable directory"
-        ) from None
+        raise InputError(f"cannot write to the output folder {folder} ({e.strerror}): {fix}") from None
 
 
 def claim(folder: Path) -> None:
@@ -148,9 +148,10 @@ def record_interrupted(folder: Path, signal_name: str, step: int) -> None:
                             "resume": resume_command(folder) if checkpoint else None})
 
 
-def record_failed(folder: Path, error: BaseException) -> bool:
-    """Mark the run failed, keeping the metrics it already wrote; return whether it can go on: only
-    a run that diverged cannot (a full disk, a lost GPU or a bug fixed later are not its own fault)."""
+def record_failed(folder: Path, error: BaseException) -> str | None:
+    """Mark the run failed, keeping the metrics it already wrote; return the command that resumes
+    it, if it can go on: only a run that diverged cannot (a full disk, a lost GPU or a bug fixed
+    later are not its own fault), and only from a checkpoint."""
     resumable = not isinstance(error, Diverged)
     lines = str(error).strip().splitlines()
     metrics = {k: v for k, v in read_metrics(folder).items() if k not in ("signal", "resume")}
@@ -161,7 +162,7 @@ def record_failed(folder: Path, error: BaseException) -> bool:
         _write_metrics(folder, metrics)
     except OSError as e:  # the disk that failed the run may refuse this too: the error is still reported
         log.warning("could not record the failure in %s: %s", folder / METRICS_FILE, e)
-    return resumable
+    return metrics.get("resume")
 
 
 def _write_metrics(folder: Path, metrics: dict[str, Any]) -> None:
@@ -231,7 +232,7 @@ def check_run_folder(folder: Path, config: DictConfig) -> None:
     with the same settings, is resumed: that is rerunning a command with the same hydra.run.dir."""
     check_ours(folder)
     status = read_metrics(folder).get("status")
-    checkpoint = (folder / CHECKPOINTS).is_dir() and any((folder / CHECKPOINTS).glob("*.ckpt"))
+    checkpoint = any((folder / CHECKPOINTS).glob("*.ckpt"))
     if status == "ok" or (status == "failed" and not checkpoint):
         raise InputError(
             f"{folder} already holds a {'finished' if status == 'ok' else 'failed'} run: pass a new folder with "

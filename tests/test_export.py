@@ -72,7 +72,7 @@ def test_a_broken_onnx_file_is_refused(tmp_path):
     ("model.ckpt", "must end in .onnx"),  # the checkpoint itself: the export once overwrote it
     ("folder.onnx", "is a folder"),
     ("taken.onnx", "is a file already there"),
-    ("/proc/model.onnx", "cannot write into /proc"),
+    ("/proc/model.onnx", "cannot write to the output folder /proc"),
     ("missing/model.onnx", "no folder"),
 ])
 def test_an_output_that_is_an_input_a_folder_or_unwritable_is_refused(out, message, small_checkpoint, tmp_path):
