@@ -17,19 +17,21 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
-from mnist_lab.callbacks import Interrupted
+from mnist_lab.callbacks import Interrupted, OptunaPruning
 from mnist_lab.errors import InputError, cause_of
 from mnist_lab.report import load_jobs, recorded_sweep_keys, sweep_keys, write_report
 from mnist_lab.run_folder import (
     LAST_CHECKPOINT, SWEEP_FILE, check_resume_command, check_run_folder, check_sweep_folder, claim, ensure_writable,
-    earlier_attempt, record_failed, resume_checkpoint, resume_command, resume_config,
+    earlier_attempt, record_failed, record_pruned, resume_checkpoint, resume_command, resume_config, study_storage,
 )
 from mnist_lab.train import run
 
 log = logging.getLogger(__name__)
+OPTUNA_SWEEPER = "hydra_plugins.mnist_lab_plugins.optuna_sweeper.OptunaSweeper"  # conf/hydra/sweeper/optuna.yaml
 
 
 def job(cfg: DictConfig) -> float:
@@ -41,6 +43,8 @@ def job(cfg: DictConfig) -> float:
     out_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     overrides = list(hydra_cfg.overrides.task)
+    if multirun and (gpus := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
+        log.info("Job %d sees GPU %s (CUDA_VISIBLE_DEVICES)", hydra_cfg.job.num, gpus)  # hydra/launcher=gpus pins it
     try:
         if cfg.resume:  # the run's own settings, rebuilt from conf/ and the overrides it was started with
             cfg, overrides = resume_config(out_dir, compose_train, cfg.trusted_targets)
@@ -51,7 +55,11 @@ def job(cfg: DictConfig) -> float:
         # In a sweep, the TensorBoard run is named by the swept values: lr=0.01,batch_size=64.
         swept = recorded_sweep_keys(hydra_cfg.sweep.dir) if multirun else []
         resume_from = resume_checkpoint(out_dir)  # a stopped run's folder, given again: it goes on
-        metrics = run(cfg, out_dir, overrides, swept, resume_from)
+        pruning = optuna_pruning(hydra_cfg) if multirun else None
+        metrics = run(cfg, out_dir, overrides, swept, resume_from, [pruning] if pruning else [])
+        if pruning and pruning.pruned_at:
+            log.info("Pruned: Optuna's pruner stopped this trial after epoch %d", pruning.pruned_at)
+            record_pruned(out_dir, pruning.pruned_at)
     except Interrupted as e:
         if (out_dir / LAST_CHECKPOINT).is_file():
             print(f"Stopped by {e.signal_name}; a checkpoint is saved. Resume with:\n  {resume_command(out_dir)}",
@@ -66,10 +74,20 @@ def job(cfg: DictConfig) -> float:
     return metrics["val/acc"]
 
 
+def optuna_pruning(hydra_cfg: DictConfig) -> OptunaPruning | None:
+    """The callback that reports a sweep=optuna job's val/acc to its trial, which has the job's number."""
+    sweeper = hydra_cfg.sweeper
+    if sweeper.get("_target_") != OPTUNA_SWEEPER:
+        return None
+    storage = study_storage(sweeper.storage, Path(hydra_cfg.sweep.dir))
+    return OptunaPruning(storage, sweeper.study_name, instantiate(sweeper.pruner), hydra_cfg.job.num)
+
+
 def kept(job: int, metrics: dict[str, Any]) -> float:
     """A job that an earlier attempt at the same sweep ended: its result, not run again."""
-    if metrics["status"] == "ok":
-        log.info("Job %d finished in an earlier attempt at this sweep: kept (val/acc %.4f)", job, metrics["val/acc"])
+    if metrics["status"] in ("ok", "pruned"):
+        ended = "finished" if metrics["status"] == "ok" else "was pruned"
+        log.info("Job %d %s in an earlier attempt at this sweep: kept (val/acc %.4f)", job, ended, metrics["val/acc"])
         return metrics["val/acc"]
     log.error("Error: job %d failed in an earlier attempt at this sweep (%s): kept; add rerun_failed=true to run it "
               "again", job, metrics.get("error"))

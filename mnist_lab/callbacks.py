@@ -116,6 +116,28 @@ class EpochTimer(pl.Callback):
         self._earlier_epoch_time = state_dict.get("epoch_time", 0.0)  # checkpoints from before it was kept
 
 
+class OptunaPruning(pl.Callback):
+    """A job of sweep=optuna: reports val/acc to its trial after every epoch, and ends the run
+    after the epoch where the study's pruner calls the trial hopeless (`pruned_at`, in epochs)."""
+
+    def __init__(self, storage: str, study_name: str, pruner: Any, trial_number: int) -> None:
+        import optuna  # only sweeps with Optuna pay for importing it
+
+        storage = optuna.storages.get_storage(storage)
+        study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
+        study_id = storage.get_study_id_from_name(study_name)
+        self.trial = optuna.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, trial_number))
+        self.pruned_at: int | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        epochs = trainer.current_epoch + 1
+        self.trial.report(float(trainer.callback_metrics["val/acc"]), step=epochs)
+        if self.trial.should_prune():
+            self.pruned_at, trainer.should_stop = epochs, True
+
+
 def gather_mistakes(mistakes: Mistakes, count: int, all_gather: Callable[[torch.Tensor], torch.Tensor]) -> Mistakes:
     """The most confident of every process's mistakes (DDP). Each process pads its own to `count`,
     as all_gather needs the same shapes everywhere; padding has confidence -1 and is dropped."""

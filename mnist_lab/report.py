@@ -113,12 +113,12 @@ def mean_std(values: list[float]) -> str:
 def csv_text(jobs: list[dict[str, Any]], keys: list[str], best: dict | None) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["job", *keys, "status", *METRICS, "epochs", "fit_time_s", "best", "error"])
+    writer.writerow(["job", *keys, "status", *METRICS, "epochs", "fit_time_s", "best", "error", "pruned_at_epoch"])
     for job in jobs:
         writer.writerow([
             job["job"], *(job["overrides"].get(k, "") for k in keys), job.get("status"),
             *(job.get(m, "") for m in METRICS), job.get("epochs", ""), job.get("fit_time_s", ""),
-            job is best, job.get("error", ""),
+            job is best, job.get("error", ""), job.get("pruned_at_epoch", ""),
         ])
     return out.getvalue()
 
@@ -134,6 +134,8 @@ def markdown(sweep_dir: Path, jobs: list[dict[str, Any]], keys: list[str], best:
         status = job.get("status", "")
         if status == "failed":
             status = f"failed: {job.get('error', '')}".replace("|", "\\|")
+        elif status == "pruned":
+            status = f"pruned at epoch {job.get('pruned_at_epoch', '?')}"
         marker = " **best**" if job is best else ""
         values = [_compact(job["overrides"].get(k, "")) for k in keys] + [status]
         values += [f"{job[m]:.4f}" if m in job else "" for m in METRICS]
@@ -152,8 +154,9 @@ def markdown(sweep_dir: Path, jobs: list[dict[str, Any]], keys: list[str], best:
             stats = [mean_std([job[m] for job in group]) for m in METRICS]
             lines.append("| " + " | ".join([*map(str, values), str(len(group)), *stats]) + " |")
         lines.append("")
-    failed = sum(job.get("status") == "failed" for job in jobs)
-    lines.append(f"{len(jobs)} jobs: {len(jobs) - failed} ok, {failed} failed.")
+    count = {status: sum(job.get("status") == status for job in jobs) for status in ("ok", "pruned", "failed")}
+    pruned = f" {count['pruned']} pruned (stopped early by Optuna's pruner, not candidates for best)," if count["pruned"] else ""
+    lines.append(f"{len(jobs)} jobs: {count['ok']} ok,{pruned} {count['failed']} failed.")
     return "\n".join(lines) + "\n"
 
 

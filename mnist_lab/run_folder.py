@@ -39,8 +39,9 @@ RUN_FILES = (LOCK_FILE, ".hydra", str(CHECKPOINTS), METRICS_FILE, f".{METRICS_FI
              "events.out.tfevents.*", "hparams.yaml", ".write_test")
 TENSORBOARD_FILES = ("events.out.tfevents.*", "hparams.yaml")
 # ... and of a sweep folder, beside its job folders (named by number, each a run folder).
+STUDY_FILE = "optuna.db"  # sweep=optuna: the study, in SQLite, unless hydra.sweeper.storage names another
 SWEEP_FILES = (LOCK_FILE, "multirun.yaml", SWEEP_FILE, "summary.csv", "summary.md", "summary.png", ".*.summary.*",
-               ".write_test", "optimization_results.yaml")
+               ".write_test", "optimization_results.yaml", STUDY_FILE, f"{STUDY_FILE}-*", ".submitit")
 RERUN_FAILED = "rerun_failed"  # the config key that has a resumed sweep run its failed jobs again
 
 # The modules whose classes conf/ names as _target_ (tests/test_run_folder.py keeps this in step
@@ -165,6 +166,11 @@ def record_failed(folder: Path, error: BaseException) -> str | None:
     return metrics.get("resume")
 
 
+def record_pruned(folder: Path, epoch: int) -> None:
+    """A sweep's pruner stopped the run after `epoch` epochs: it finished, but is no candidate."""
+    _write_metrics(folder, {**read_metrics(folder), "status": "pruned", "pruned_at_epoch": epoch})
+
+
 def _write_metrics(folder: Path, metrics: dict[str, Any]) -> None:
     partial = folder / f".{METRICS_FILE}.{os.getpid()}"  # whole or not at all, even on a full disk
     try:
@@ -274,9 +280,14 @@ def earlier_attempt(folder: Path, rerun_failed: bool) -> dict[str, Any] | None:
     """The metrics of a sweep job that an earlier attempt at the sweep finished, or failed (kept
     failed unless `rerun_failed`); None when the job is to run, or go on from its checkpoint."""
     metrics = read_metrics(folder)
-    if metrics.get("status") == "ok" or (metrics.get("status") == "failed" and not rerun_failed):
+    if metrics.get("status") in ("ok", "pruned") or (metrics.get("status") == "failed" and not rerun_failed):
         return metrics
     return None
+
+
+def study_storage(storage: str | None, sweep_dir: Path) -> str:
+    """An Optuna sweep's study: `storage` (hydra.sweeper.storage), or SQLite in the sweep folder."""
+    return storage or f"sqlite:///{(sweep_dir / STUDY_FILE).resolve()}"
 
 
 def check_resume_command(folder: Path, overrides: Sequence[str]) -> Path:

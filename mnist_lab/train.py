@@ -32,10 +32,11 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 
 def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swept: Sequence[str] = (),
-        resume_from: str | Path | None = None) -> dict[str, Any]:
+        resume_from: str | Path | None = None, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
     """Train and test one configuration in out_dir and return its metrics. `overrides` (the command
     line's) join the HPARAMS tab; `swept` (a sweep's keys) name the TensorBoard run; `resume_from`,
-    a checkpoint of this run, continues it. A signal raises Interrupted after saving a checkpoint."""
+    a checkpoint of this run, continues it; `extra_callbacks` join the configured ones (a sweeper's).
+    A signal raises Interrupted after saving a checkpoint."""
     out_dir = Path(out_dir)
     ensure_writable(out_dir)
     check_config(cfg)
@@ -44,7 +45,7 @@ def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swe
     datamodule, model = build(cfg)
     best, timer, state = best_checkpoint(cfg, out_dir), EpochTimer(), TrainingState(out_dir / LAST_CHECKPOINT)
     callbacks = [c for key in cfg.callbacks if key != "checkpoint" and (c := build_callback(cfg, key)) is not None]
-    callbacks += [best, timer, state]
+    callbacks += [*extra_callbacks, best, timer, state]
     skip_idle_step_hooks(callbacks)
     logger_kwargs = logger_run(out_dir, swept, overrides, resume_from, model)
     trainer = build_trainer(cfg, out_dir, logger_kwargs, callbacks)

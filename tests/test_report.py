@@ -238,10 +238,10 @@ def test_optuna_sweep_runs_trials_that_a_seed_repeats(synthetic_dir, tmp_path):
 
     trials = {}
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    # a: in memory; b: the same search kept in a database; c: one more trial added to b's study
+    # a: in the sweep folder; b: the same search in a database of one's own; c: b's study grown to 4 trials
     for attempt, extra in (("a", ["hydra.sweeper.n_trials=3"]),
                            ("b", ["hydra.sweeper.n_trials=3", f"hydra.sweeper.storage={storage}"]),
-                           ("c", ["hydra.sweeper.n_trials=1", f"hydra.sweeper.storage={storage}"])):
+                           ("c", ["hydra.sweeper.n_trials=4", f"hydra.sweeper.storage={storage}"])):
         sweep = tmp_path / attempt
         result = run_train("-m", "sweep=optuna", *extra, *smoke_overrides(synthetic_dir, "model=mlp"),
                            f"hydra.sweep.dir={sweep}", timeout=300)

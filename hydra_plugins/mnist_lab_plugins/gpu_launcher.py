@@ -1,0 +1,133 @@
+"""hydra/launcher=gpus: several jobs at once on each GPU, each job pinned to one GPU.
+
+One small job (LeNet-5 on MNIST) leaves a large GPU waiting on the host; several side by side use
+it. The launcher keeps `jobs_per_gpu` worker processes for each GPU, started with spawn (never a
+fork of a parent that may hold CUDA) and with CUDA_VISIBLE_DEVICES set to their GPU alone, so
+every job in one sees one device, cuda:0. Jobs go to whichever worker is free; a worker runs one
+job at a time and stays up for the next, so Python, torch and Lightning load once per worker, not
+once per job. The cores are shared out: each worker's torch takes cores / workers threads.
+
+With no GPU (gpus: [] or none found), `jobs_per_gpu` workers run jobs at once on the CPU.
+"""
+
+import logging
+import os
+import queue
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from hydra_plugins.hydra_joblib_launcher._core import execute_job  # run_job in a worker, as joblib's launcher does
+from omegaconf import DictConfig
+
+from mnist_lab.errors import InputError, one_line_errors
+
+log = logging.getLogger(__name__)
+
+
+class GpuLauncher(Launcher):
+    def __init__(self, jobs_per_gpu: int, gpus: Sequence[int] | str = "auto") -> None:
+        with one_line_errors():  # before any job; Hydra would wrap an exception in two paragraphs
+            if not isinstance(jobs_per_gpu, int) or isinstance(jobs_per_gpu, bool) or jobs_per_gpu < 1:
+                raise InputError(f"hydra.launcher.jobs_per_gpu={jobs_per_gpu}: jobs at once on each GPU must be a "
+                                 "whole number >= 1")
+            self.devices = visible_gpus(gpus)
+        self.jobs_per_gpu = jobs_per_gpu
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        Path(self.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+        devices = self.devices
+        slots = [device for device in devices or [None] for _ in range(self.jobs_per_gpu)]
+        workers: queue.Queue[Worker] = queue.Queue()
+        for slot in slots:
+            workers.put(Worker(slot, threads=max(1, (os.cpu_count() or 1) // len(slots))))
+        where = f"{self.jobs_per_gpu} at once on each of GPUs {','.join(devices)}" if devices else \
+            f"{self.jobs_per_gpu} at once on the CPU"
+        log.info("Launching %d jobs, %s, in %s", len(job_overrides), where, self.config.hydra.sweep.dir)
+        state = Singleton.get_state()
+
+        def run(num: int, overrides: Sequence[str]) -> JobReturn:
+            worker = workers.get()
+            try:
+                log.info("\t#%d : %s%s", num, " ".join(filter_overrides(overrides)),
+                         f" (GPU {worker.gpu})" if worker.gpu is not None else "")
+                return worker.run(execute_job, num, overrides, self.hydra_context, self.config, self.task_function,
+                                  state)
+            finally:
+                workers.put(worker)
+
+        try:
+            with ThreadPoolExecutor(len(slots)) as threads:
+                return list(threads.map(run, range(initial_job_idx, initial_job_idx + len(job_overrides)),
+                                        job_overrides))
+        finally:
+            while not workers.empty():
+                workers.get().close()
+
+
+def visible_gpus(gpus: Sequence[int] | str) -> list[str]:
+    """The CUDA_VISIBLE_DEVICES value of each GPU to use: `gpus` ("auto": all that this process
+    may use) as indices among the GPUs CUDA_VISIBLE_DEVICES lets this process see."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [name.strip() for name in visible.split(",") if name.strip()] if visible is not None else None
+    if gpus == "auto":
+        import torch  # CUDA that counting may start here is never inherited: workers are spawned
+
+        return (names or [str(i) for i in range(torch.cuda.device_count())])[:torch.cuda.device_count()]
+    if isinstance(gpus, str) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in gpus):
+        raise InputError(f"hydra.launcher.gpus={gpus}: give auto, or a list of GPU indices such as [0,1]")
+    if names is not None and any(i >= len(names) for i in gpus):
+        raise InputError(f"hydra.launcher.gpus={list(gpus)}: CUDA_VISIBLE_DEVICES={visible} leaves "
+                         f"{len(names)} GPU(s) visible: give indices below {len(names)}")
+    return [names[i] if names is not None else str(i) for i in gpus]
+
+
+class Worker:
+    """One process that runs jobs one after the other, pinned to one GPU (None: CPU only)."""
+
+    def __init__(self, gpu: str | None, threads: int) -> None:
+        self.gpu, self.threads = gpu, threads
+        self._pool = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=_pin, initargs=(self.gpu, self.threads))
+
+    def run(self, fn: Any, num: int, *args: Any) -> JobReturn:
+        try:
+            return cloudpickle.loads(self._pool.submit(_call, cloudpickle.dumps((fn, (num, *args)))).result())
+        except BrokenProcessPool:  # killed (out of memory?): this job is lost, the next gets a new process
+            self._pool.shutdown(wait=False)
+            self._pool = self._start()
+            log.error("Error: job %d's process died before it returned; run the same command again to go on from "
+                      "its last checkpoint", num)
+            return JobReturn(overrides=list(args[0]), status=JobStatus.FAILED,
+                             _return_value=RuntimeError(f"job {num}'s process died"))
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+
+def _pin(gpu: str | None, threads: int) -> None:
+    """In a new worker, before anything starts CUDA: its one GPU, and its share of the cores."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _call(payload: bytes) -> bytes:
+    """fn(*args), both ways through cloudpickle: Hydra's config classes do not pickle by reference."""
+    fn, args = cloudpickle.loads(payload)
+    return cloudpickle.dumps(fn(*args))

@@ -1,0 +1,162 @@
+"""Sweeps at scale: mnist_lab's Optuna sweeper (pruning, a study that a killed sweep continues) and
+the launcher that runs several jobs at once, each pinned to a GPU."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_train, smoke_overrides
+from tests.test_reliability import single_error
+
+KILLER = "tests.callbacks.KillAtEpoch"
+MEET = "tests.callbacks.MeetAtFirstEpoch"
+
+
+def rows_of(sweep: Path) -> list[dict]:
+    with open(sweep / "summary.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("x=tag(log, interval(0.003, 0.3))", "FloatDistribution(high=0.3, log=True, low=0.003, step=None)"),
+    ("x=interval(0.0, 0.5)", "FloatDistribution(high=0.5, log=False, low=0.0, step=None)"),
+    ("x=interval(1, 8)", "FloatDistribution(high=8.0, log=False, low=1.0, step=None)"),
+    ("x=int(interval(1, 8))", "IntDistribution(high=8, log=False, low=1, step=1)"),
+    ("x=tag(log, int(interval(1, 64)))", "IntDistribution(high=64, log=True, low=1, step=1)"),
+    ("x=range(1, 9, 2)", "IntDistribution(high=7, log=False, low=1, step=2)"),  # Hydra's range leaves out its end
+    ("x=range(0.1, 0.45, 0.1)", "FloatDistribution(high=0.4, log=False, low=0.1, step=0.1)"),
+    ("x=choice(32, 64, 128)", "CategoricalDistribution(choices=(32, 64, 128))"),
+    ("x=lenet,mlp", "CategoricalDistribution(choices=('lenet', 'mlp'))"),
+])
+def test_the_search_space_reads_hydras_sweep_grammar(override, expected):
+    from hydra_plugins.mnist_lab_plugins.optuna_sweeper import search_space
+
+    space, fixed = search_space([override, "y=3"])
+    assert repr(space["x"]).replace("0.4000000000000001", "0.4") == expected and fixed == ["y=3"]
+
+
+def test_a_later_override_wins_and_a_fixed_value_leaves_the_search():
+    from hydra_plugins.mnist_lab_plugins.optuna_sweeper import search_space
+
+    space, fixed = search_space(["a=interval(0, 1)", "b=choice(1, 2)", "a=0.5", "b=choice(3, 4)"])
+    assert list(space) == ["b"] and space["b"].choices == (3, 4) and fixed == ["a=0.5"]
+
+
+def test_hydra_finds_the_sweeper_and_the_launcher_as_plugins():
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.launcher import Launcher
+    from hydra.plugins.sweeper import Sweeper
+
+    def names(kind: type) -> set[str]:  # Hydra loads each plugin module anew: compare names, not classes
+        return {f"{c.__module__}.{c.__name__}" for c in Plugins.instance().discover(kind)}
+
+    assert "hydra_plugins.mnist_lab_plugins.optuna_sweeper.OptunaSweeper" in names(Sweeper)
+    assert "hydra_plugins.mnist_lab_plugins.gpu_launcher.GpuLauncher" in names(Launcher)
+
+
+@pytest.mark.slow
+def test_optuna_prunes_and_a_killed_search_continues_its_study(synthetic_dir, tmp_path):
+    import optuna
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", "sweep=optuna", "hydra.sweeper.n_trials=6", "hydra.sweeper.pruner.n_startup_trials=2",
+            *smoke_overrides(synthetic_dir, "model=mlp", "trainer.max_epochs=3"), f"+callbacks.kill._target_={KILLER}",
+            f"hydra.sweep.dir={sweep}"]
+    killed = run_train(*args, env={"MNIST_LAB_TEST_KILL_AT_EPOCH": "1", "MNIST_LAB_TEST_KILL_JOB": "3"}, timeout=300)
+    assert killed.returncode == -9
+    storage = f"sqlite:///{sweep / 'optuna.db'}"
+    study = optuna.load_study(study_name="mnist_lab", storage=storage)  # in the sweep folder by default
+    assert [t.state.name for t in study.trials][3:] == ["RUNNING"]
+    done = {n: (sweep / str(n) / "metrics.json").read_bytes() for n in range(3)}
+
+    resumed = run_train(*args, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    study = optuna.load_study(study_name="mnist_lab", storage=storage)
+    states = [t.state.name for t in study.trials]
+    assert len(states) == 6 and set(states) <= {"COMPLETE", "PRUNED"} and "PRUNED" in states, states
+    assert {n: (sweep / str(n) / "metrics.json").read_bytes() for n in range(3)} == done  # kept, not run again
+    trial_3 = json.loads((sweep / "3" / "metrics.json").read_text())
+    assert trial_3["resumed_from_step"] > 0 and study.trials[3].params == {
+        k: pytest.approx(float(v)) for k, v in rows_of(sweep)[3].items() if k in study.trials[3].params}
+
+    table = rows_of(sweep)
+    for trial, row in zip(study.trials, table, strict=True):
+        assert row["job"] == str(trial.number)
+        if trial.state.name == "PRUNED":  # stopped after the epoch it last reported
+            assert row["status"] == "pruned" and row["best"] == "False"
+            assert int(row["pruned_at_epoch"]) == int(row["epochs"]) == max(trial.intermediate_values) < 3
+        else:
+            assert row["status"] == "ok" and float(row["val/acc"]) == pytest.approx(trial.value)
+            assert sorted(trial.intermediate_values) == [1, 2, 3]
+    (best,) = [r for r in table if r["best"] == "True"]
+    assert int(best["job"]) == study.best_trial.number
+    summary = (sweep / "summary.md").read_text()
+    assert f"pruned at epoch {table[states.index('PRUNED')]['epochs']}" in summary
+    assert f"6 jobs: {states.count('COMPLETE')} ok, {states.count('PRUNED')} pruned" in summary
+    # The same command once more: the study is complete, nothing runs.
+    again = run_train(*args, timeout=300)
+    assert again.returncode == 0 and len(optuna.load_study(study_name="mnist_lab", storage=storage).trials) == 6
+
+
+@pytest.mark.parametrize("visible, gpus, expected", [
+    (None, [0, 1, 2, 3], ["0", "1", "2", "3"]),
+    ("4,5,6,7", [0, 2], ["4", "6"]),
+    ("GPU-a1,GPU-b2", [1], ["GPU-b2"]),
+    (None, [], []),
+])
+def test_each_worker_gets_the_gpu_it_is_pinned_to(visible, gpus, expected, monkeypatch):
+    from hydra_plugins.mnist_lab_plugins.gpu_launcher import visible_gpus
+
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert visible_gpus(gpus) == expected
+
+
+@pytest.mark.parametrize("gpus, message", [
+    ([4], r"leaves 4 GPU\(s\) visible"), ("0,1", "a list of GPU indices"), ([-1], "a list of GPU indices"),
+])
+def test_gpus_out_of_reach_are_refused(gpus, message, monkeypatch):
+    from hydra_plugins.mnist_lab_plugins.gpu_launcher import visible_gpus
+    from mnist_lab.errors import InputError
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    with pytest.raises(InputError, match=message):
+        visible_gpus(gpus)
+
+
+@pytest.mark.slow
+def test_jobs_run_at_once_each_on_its_own_gpu_with_the_results_of_one_at_a_time(synthetic_dir, tmp_path):
+    args = ["-m", *smoke_overrides(synthetic_dir, "model=softmax"), "optimizer.lr=0.01,0.05,0.1,0.3"]
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    # 4 pretend GPUs, one job on each: the 4 jobs must meet at their first epoch to go on.
+    together = run_train(*args, "hydra/launcher=gpus", "hydra.launcher.gpus=[0,1,2,3]", "hydra.launcher.jobs_per_gpu=1",
+                         f"+callbacks.meet._target_={MEET}", f"hydra.sweep.dir={tmp_path / 'together'}",
+                         env={"MNIST_LAB_TEST_MEET_DIR": str(meet), "MNIST_LAB_TEST_MEET": "4"}, timeout=300)
+    assert together.returncode == 0, together.stderr
+    seen = {(tmp_path / "together" / str(n) / "train.log").read_text().split("sees GPU ")[1].split()[0]
+            for n in range(4)}
+    assert seen == {"0", "1", "2", "3"}
+    # Two at once on the CPU: the same results, report and folders as one after the other.
+    cpu = run_train(*args, "hydra/launcher=gpus", "hydra.launcher.gpus=[]", "hydra.launcher.jobs_per_gpu=2",
+                    f"hydra.sweep.dir={tmp_path / 'cpu'}", timeout=300)
+    assert cpu.returncode == 0, cpu.stderr
+    one_at_a_time = run_train(*args, f"hydra.sweep.dir={tmp_path / 'sequential'}", timeout=300)
+    assert one_at_a_time.returncode == 0, one_at_a_time.stderr
+    for sweep in ("together", "cpu"):
+        assert [(r["job"], r["optimizer.lr"], r["status"], r["best"]) for r in rows_of(tmp_path / sweep)] == \
+            [(r["job"], r["optimizer.lr"], r["status"], r["best"]) for r in rows_of(tmp_path / "sequential")]
+        for r, s in zip(rows_of(tmp_path / sweep), rows_of(tmp_path / "sequential"), strict=True):
+            assert float(r["val/acc"]) == pytest.approx(float(s["val/acc"]), abs=0.011)  # threads may differ
+        assert sorted(p.name for p in (tmp_path / sweep).iterdir() if p.is_dir()) == ["0", "1", "2", "3"]
+
+
+@pytest.mark.parametrize("setting", ["hydra.launcher.jobs_per_gpu=0", "hydra.launcher.gpus=[7]"])
+def test_a_bad_launcher_setting_is_refused_in_one_line_before_any_job(setting, synthetic_dir, tmp_path):
+    error = single_error(run_train("-m", *smoke_overrides(synthetic_dir), "hydra/launcher=gpus", setting,
+                                   f"hydra.sweep.dir={tmp_path / 's'}", env={"CUDA_VISIBLE_DEVICES": "0,1"}))
+    assert setting.split("=")[0] in error and not (tmp_path / "s" / "0").exists()
