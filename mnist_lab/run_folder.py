@@ -300,6 +300,54 @@ def check_resume_command(folder: Path, overrides: Sequence[str]) -> Path:
     return check_resumable(folder)
 
 
+SWEEP_HYDRA_KEYS = ("hydra/launcher", "hydra.launcher.", "hydra/sweeper", "hydra.sweeper.")  # what resume= replays
+
+
+def resumed_sweep_argv(argv: Sequence[str]) -> list[str]:
+    """`resume=<sweep folder> [rerun_failed=true] [trusted_targets=[...]]`: that sweep's own command
+    line (multirun.yaml), with -m, to run again in its folder; any other command line as it is. The
+    folder is data, never code: its command may choose config groups and set values, the launcher
+    and the sweeper, but a _target_ outside TRUSTED_MODULES, or any other Hydra setting, is refused
+    unless given on this command line."""
+    given = [a for a in argv if a.startswith("resume=")]
+    folder = Path(given[-1].partition("=")[2]) if given else None
+    if folder is None or not (folder / "multirun.yaml").is_file():
+        return list(argv)
+    from hydra.core.override_parser.overrides_parser import OverridesParser  # only here: the plain start stays light
+
+    parser = OverridesParser.create()
+    rest = [a for a in argv if not a.startswith("resume=") and a not in ("-m", "--multirun")]
+    if others := [a for a in rest if not a.startswith((f"{RERUN_FAILED}=", "trusted_targets="))]:
+        raise InputError(f"resume= continues a sweep with the command it was started with; {' '.join(others)} would "
+                         "not apply: drop it, or start a new sweep")
+    trusted = [str(t) for a in parser.parse_overrides([a for a in rest if a.startswith("trusted_targets=")])
+               for t in a.value()]
+    try:
+        recorded = OmegaConf.load(folder / "multirun.yaml").hydra.overrides
+        task, hydra = [str(o) for o in recorded.task], [str(o) for o in recorded.hydra]
+        parsed = parser.parse_overrides(task + hydra)
+    except Exception as e:  # noqa: BLE001  unreadable, not ours, or edited into nonsense
+        raise InputError(f"resume={folder}: its command line ({folder / 'multirun.yaml'}) does not read: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    hydra = [o for o in hydra if not o.startswith(("hydra.mode=", "hydra.sweep.dir="))]
+    for override in parsed:
+        key = override.get_key_element().lstrip("+~")
+        if key.startswith("hydra") and not key.startswith(("hydra.mode", "hydra.sweep.dir", *SWEEP_HYDRA_KEYS)):
+            raise InputError(f"resume={folder}: its command sets {key}, which resume= does not replay from a folder "
+                             f"that may come from anyone: if it is your sweep, run its command yourself, with "
+                             f"hydra.sweep.dir={shlex.quote(str(folder))}")
+        values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+        named = [str(v) for v in values] if key.endswith("_target_") else []
+        named += [t for v in values if isinstance(v, (dict, list)) for t in targets(OmegaConf.create(v))]
+        if untrusted := [t for t in named if t not in trusted and not is_trusted(t)]:
+            raise InputError(
+                f"resume={folder}: its command names {untrusted[0]} as a _target_, which is outside mnist_lab's own "
+                f"config groups, and a sweep folder may come from anyone. If you started this sweep with it, resume "
+                f"with: python train.py resume={shlex.quote(str(folder))} 'trusted_targets=[{','.join(untrusted)}]'")
+    return ["-m", *hydra, *task, *(a for a in rest if a.startswith(f"{RERUN_FAILED}=")),
+            f"hydra.sweep.dir={folder}"]
+
+
 def resume_config(folder: Path, compose: Callable[[list[str]], DictConfig], trusted: Sequence[str] = ()
                   ) -> tuple[DictConfig, list[str]]:
     """The configuration of the run in `folder`, rebuilt by `compose` from conf/ and the overrides it

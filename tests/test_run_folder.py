@@ -250,7 +250,7 @@ def test_a_damaged_run_folder_file_gets_one_line(name, content, finished_run, tm
 
 
 @pytest.mark.slow
-def test_a_sweep_killed_halfway_goes_on_with_the_same_command_and_reports_the_same_best_job(synthetic_dir, tmp_path):
+def test_a_sweep_killed_halfway_goes_on_with_resume_and_reports_the_same_best_job(synthetic_dir, tmp_path):
     args = ["-m", *smoke_overrides(synthetic_dir, "model=softmax"), "optimizer.lr=0.01,0.3,0.05",
             f"+callbacks.kill._target_={KILLER}"]
     reference = run_train(*args, f"hydra.sweep.dir={tmp_path / 'reference'}")
@@ -260,7 +260,9 @@ def test_a_sweep_killed_halfway_goes_on_with_the_same_command_and_reports_the_sa
                        env={"MNIST_LAB_TEST_KILL_AT_EPOCH": "1", "MNIST_LAB_TEST_KILL_JOB": "1"})
     assert killed.returncode == -9 and not (sweep / "2").exists()  # job 0 done, job 1 killed, job 2 not started
     done = (sweep / "0" / "metrics.json").read_bytes()
-    resumed = run_train(*args, f"hydra.sweep.dir={sweep}")
+    # resume=<sweep folder> (or the same command again, as in tests/test_sweeps.py); the test's own
+    # callback is trusted on the command line, as a sweep folder may come from anyone
+    resumed = run_train(f"resume={sweep}", f"trusted_targets=[{KILLER}]")
     assert resumed.returncode == 0, resumed.stderr
     assert "Job 0 finished in an earlier attempt at this sweep: kept" in resumed.stdout
     assert (sweep / "0" / "metrics.json").read_bytes() == done  # not run again
@@ -268,6 +270,37 @@ def test_a_sweep_killed_halfway_goes_on_with_the_same_command_and_reports_the_sa
     assert [(r["status"], r["val/acc"], r["test/acc"], r["best"]) for r in table] == \
         [(r["status"], r["val/acc"], r["test/acc"], r["best"]) for r in expected]
     assert json.loads((sweep / "1" / "metrics.json").read_text())["resumed_from_step"] > 0
+
+
+@pytest.mark.parametrize("edit, refused", [
+    (("task", "+callbacks.x._target_=os.system"), "names os.system as a _target_"),
+    (("task", "+callbacks={x: {_target_: builtins.eval}}"), "names builtins.eval as a _target_"),
+    (("hydra", "hydra.job_logging.root.level=DEBUG"), "sets hydra.job_logging.root.level"),
+    (("hydra", "hydra.sweeper.sampler._target_=os.system"), "names os.system as a _target_"),
+])
+def test_a_sweep_folder_cannot_run_code_through_resume(edit, refused, tmp_path):
+    import yaml
+
+    from mnist_lab.run_folder import resumed_sweep_argv
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    overrides = {"task": ["model=softmax", "optimizer.lr=0.01,0.1"], "hydra": ["hydra.mode=MULTIRUN",
+                                                                               "hydra/launcher=gpus"]}
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": overrides}}))
+    assert resumed_sweep_argv(["-m", f"resume={sweep}", "rerun_failed=true"]) == [
+        "-m", "hydra/launcher=gpus", "model=softmax", "optimizer.lr=0.01,0.1", "rerun_failed=true",
+        f"hydra.sweep.dir={sweep}"]
+    overrides[edit[0]].append(edit[1])
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": overrides}}))
+    with pytest.raises(InputError, match=refused):
+        resumed_sweep_argv([f"resume={sweep}"])
+    if "_target_" in refused:  # one's own code, trusted on the command line
+        target = refused.split()[1]
+        assert edit[1] in resumed_sweep_argv([f"resume={sweep}", f"trusted_targets=[{target}]"])
+    with pytest.raises(InputError, match="model=mlp would not apply"):
+        resumed_sweep_argv([f"resume={sweep}", "model=mlp"])
+    assert resumed_sweep_argv([f"resume={tmp_path}", "x=1"]) == [f"resume={tmp_path}", "x=1"]  # no sweep: as it is
 
 
 def rows_of(sweep: Path) -> list[dict]:
