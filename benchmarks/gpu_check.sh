@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU figures of README's Speed section, in one run on a lent GPU machine (about 5 minutes on
-# an H100/H200). From this machine, after `bash benchmarks/gpu_check.sh --prepare` once:
+# The GPU figures of README's Speed section and of hydra/launcher=gpus (Sweeps), in one run on a
+# lent GPU machine (about 7 minutes on an H100/H200). From this machine, after `bash benchmarks/gpu_check.sh --prepare` once:
 #
 #   device run, carry [".whl", ".gpu-data"], timeout_s 600, command:
 #     bash benchmarks/gpu_check.sh
@@ -18,7 +18,8 @@ if [ "${1:-}" = "--prepare" ]; then
   mkdir -p .whl .gpu-data/MNIST/raw
   # Pure-Python wheels (antlr4's only release is a source archive: pip builds its wheel), the
   # versions this project's virtual environment runs.
-  versions=$(python3 -c "import hydra, omegaconf; print(f'hydra-core=={hydra.__version__} omegaconf=={omegaconf.__version__}')")
+  # hydra-joblib-launcher, joblib and cloudpickle: hydra/launcher=gpus runs its jobs through them.
+  versions=$(python3 -c "import hydra, omegaconf, joblib, cloudpickle; from importlib.metadata import version; print(f'hydra-core=={hydra.__version__} omegaconf=={omegaconf.__version__} joblib=={joblib.__version__} cloudpickle=={cloudpickle.__version__} hydra-joblib-launcher=={version(\"hydra-joblib-launcher\")}')")
   python3 -m pip wheel -q --no-deps -w .whl $versions antlr4-python3-runtime==4.9.3
   for f in "$data"/MNIST/raw/*-ubyte; do gzip -c "$f" > ".gpu-data/MNIST/raw/$(basename "$f").gz"; done
   ls -la .whl .gpu-data/MNIST/raw
@@ -50,4 +51,6 @@ step() { echo; echo "### $*"; "$@" 2>&1 | grep -v -e "it/s]" -e "^\s*$"; }
   python3 train.py model=lenet trainer.max_epochs=5 "${quiet[@]}" hydra.run.dir=/tmp/lenet5 2>&1 | grep "Test accuracy"
   echo "$(python3 -c "print(round($(date +%s.%N) - $start, 1))") s for the whole process"
   step python3 benchmarks/fixed_cost.py --repeats 2
+  # issue 12: the 12-job LeNet sweep, one job at a time and 6 at once on the GPU
+  step python3 benchmarks/sweep_concurrency.py --jobs-per-gpu 6
 } 2>&1 | tee "$log"

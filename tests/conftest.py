@@ -87,6 +87,16 @@ def run_train(*args: str, cwd: Path | None = None, timeout: int = 180, env: dict
     )
 
 
+def stop(process: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM a process started for a test and reap it; SIGKILL if it does not end in `timeout` s."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def run_train_together(arg_lists: list[list[str]], timeout: int = 300) -> list[subprocess.CompletedProcess]:
     """Run train.py once per argument list, all processes at the same time (their output goes to
     files, so that none blocks on a full pipe while another is waited for)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_train
+from tests.conftest import ROOT, run_train, stop
 
 pytestmark = pytest.mark.slow
 
@@ -70,12 +70,7 @@ def tensorboard(logdir: Path, expected_runs: int) -> Iterator[str]:
             time.sleep(0.5)
         yield url
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server, timeout=15)
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_train, smoke_overrides
+from tests.conftest import run_train, smoke_overrides, stop
 from tests.test_sweeps import rows_of
 
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sinfo", "squeue", "sbatch")
@@ -99,12 +99,7 @@ def slurm(tmp_path_factory) -> Iterator[dict[str, str]]:
             time.sleep(0.5)
     finally:
         for daemon in reversed(daemons):
-            daemon.terminate()
-            try:
-                daemon.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
+            stop(daemon)
 
 
 def slurm_sweep(synthetic_dir: Path, sweep: Path, lrs: str, env: dict[str, str]) -> subprocess.CompletedProcess:

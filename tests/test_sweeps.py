@@ -100,6 +100,23 @@ def test_optuna_prunes_and_a_killed_search_continues_its_study(synthetic_dir, tm
     assert again.returncode == 0 and len(optuna.load_study(study_name="mnist_lab", storage=storage).trials) == 6
 
 
+@pytest.mark.slow
+def test_a_failed_trial_is_tried_again_only_when_asked(synthetic_dir, tmp_path):
+    import optuna
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", "sweep=optuna", "hydra.sweeper.n_trials=1", *smoke_overrides(synthetic_dir, "model=mlp"),
+            "optimizer.lr=choice(-1.0)", f"hydra.sweep.dir={sweep}"]
+    for extra in ([], [], ["rerun_failed=true"]):
+        result = run_train(*args, *extra)
+        assert result.returncode == 1 and "job(s) failed" in result.stderr, result.stderr
+    study = optuna.load_study(study_name="mnist_lab", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    # the second command found the study complete; the third tried trial 0's values as trial 1
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
+    assert study.trials[1].params == study.trials[0].params
+    assert [r["status"] for r in rows_of(sweep)] == ["failed", "failed"]
+
+
 @pytest.mark.parametrize("visible, gpus, expected", [
     (None, [0, 1, 2, 3], ["0", "1", "2", "3"]),
     ("4,5,6,7", [0, 2], ["4", "6"]),

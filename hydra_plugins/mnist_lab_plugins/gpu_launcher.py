@@ -44,36 +44,32 @@ class GpuLauncher(Launcher):
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
+        slots = [device for device in self.devices or [None] for _ in range(self.jobs_per_gpu)]
+        # Started at their first job; kept for the next launch (an Optuna search launches batch after batch).
+        self.workers: queue.Queue[Worker] = queue.Queue()
+        for slot in slots:
+            self.workers.put(Worker(slot, threads=max(1, (os.cpu_count() or 1) // len(slots))))
+        self.slots = len(slots)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         Path(self.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
-        devices = self.devices
-        slots = [device for device in devices or [None] for _ in range(self.jobs_per_gpu)]
-        workers: queue.Queue[Worker] = queue.Queue()
-        for slot in slots:
-            workers.put(Worker(slot, threads=max(1, (os.cpu_count() or 1) // len(slots))))
-        where = f"{self.jobs_per_gpu} at once on each of GPUs {','.join(devices)}" if devices else \
+        where = f"{self.jobs_per_gpu} at once on each of GPUs {','.join(self.devices)}" if self.devices else \
             f"{self.jobs_per_gpu} at once on the CPU"
         log.info("Launching %d jobs, %s, in %s", len(job_overrides), where, self.config.hydra.sweep.dir)
         state = Singleton.get_state()
 
         def run(num: int, overrides: Sequence[str]) -> JobReturn:
-            worker = workers.get()
+            worker = self.workers.get()
             try:
                 log.info("\t#%d : %s%s", num, " ".join(filter_overrides(overrides)),
                          f" (GPU {worker.gpu})" if worker.gpu is not None else "")
                 return worker.run(execute_job, num, overrides, self.hydra_context, self.config, self.task_function,
                                   state)
             finally:
-                workers.put(worker)
+                self.workers.put(worker)
 
-        try:
-            with ThreadPoolExecutor(len(slots)) as threads:
-                return list(threads.map(run, range(initial_job_idx, initial_job_idx + len(job_overrides)),
-                                        job_overrides))
-        finally:
-            while not workers.empty():
-                workers.get().close()
+        with ThreadPoolExecutor(self.slots) as threads:
+            return list(threads.map(run, range(initial_job_idx, initial_job_idx + len(job_overrides)), job_overrides))
 
 
 def visible_gpus(gpus: Sequence[int] | str) -> list[str]:
@@ -113,9 +109,6 @@ class Worker:
                       "its last checkpoint", num)
             return JobReturn(overrides=list(args[0]), status=JobStatus.FAILED,
                              _return_value=RuntimeError(f"job {num}'s process died"))
-
-    def close(self) -> None:
-        self._pool.shutdown()
 
 
 def _pin(gpu: str | None, threads: int) -> None:

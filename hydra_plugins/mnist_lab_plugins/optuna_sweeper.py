@@ -59,8 +59,9 @@ class OptunaSweeper(Sweeper):
         # A seeded sampler drawing again from its first number would repeat the earlier trials' values.
         study.sampler = instantiate(self.sampler, **({"seed": self.sampler.seed + len(study.trials)}
                                                      if self.sampler.get("seed") is not None else {}))
-        # The same sweep again: trials left running go on, failed ones run again only when asked.
-        unfinished = [t for t in study.trials if t.state == TrialState.RUNNING]
+        # The same sweep again: its trials left running go on (not another process's, in a storage of
+        # one's own), failed ones run again only when asked.
+        unfinished = [t for t in study.trials if t.state == TrialState.RUNNING and (sweep_dir / str(t.number)).is_dir()]
         retry = [t for t in study.trials if t.state == TrialState.FAIL] if self.config.get(RERUN_FAILED) else []
         for trial in retry:
             study.enqueue_trial(trial.params)  # a new trial with the same values (a finished one stays as it ended)
@@ -76,9 +77,10 @@ class OptunaSweeper(Sweeper):
             for trial, ret in zip(batch, self._launch(batch, fixed)):
                 failures += not tell(study, trial.number, ret)
                 finished += 1
-            if failures / finished > self.max_failure_rate:
-                raise RuntimeError(f"{failures} of {finished} trials failed, more than hydra.sweeper.max_failure_rate="
-                                   f"{self.max_failure_rate}: see the report")
+            if failures / finished > self.max_failure_rate:  # the report and the exit status follow
+                log.error("Error: %d of %d trials failed, more than hydra.sweeper.max_failure_rate=%s: the search "
+                          "stops here", failures, finished, self.max_failure_rate)
+                break
         completed = [t for t in study.trials if t.state == TrialState.COMPLETE]
         if completed:
             best = study.best_trial

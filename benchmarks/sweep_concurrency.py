@@ -1,0 +1,81 @@
+"""Wall time of one sweep run one job at a time, and with several jobs at once on each GPU.
+
+    python benchmarks/sweep_concurrency.py [--jobs-per-gpu 6] [--repeats 1] [--data-dir DIR] [OVERRIDE ...]
+
+The sweep is issue 12's 12 LeNet-5 jobs, 2 epochs each, data on the device:
+
+    model=lenet optimizer.lr=0.01,0.02,0.05,0.1,0.2,0.4 data.batch_size=64,256 trainer.max_epochs=2
+    data.on_device=true
+
+with any OVERRIDE after them (a later value wins). Each repeat runs, in turns, each in a new sweep
+folder and a new process, as a user would type them:
+
+  sequential  python train.py -m <sweep>                        (Hydra's basic launcher: one job after another)
+  concurrent  python train.py -m hydra/launcher=gpus hydra.launcher.jobs_per_gpu=N <sweep>
+
+Prints each one's wall time, the ratio, and every job's val/acc in both: the jobs are seeded, so
+they agree up to the nondeterminism of GPU kernels (or, on a CPU, of thread counts).
+On this project's 2-core CPU machine, a proxy that runs in minutes:
+
+    python benchmarks/sweep_concurrency.py --jobs-per-gpu 2 model=softmax trainer=cpu \\
+        data.on_device=false optimizer.lr=0.05,0.1 data.batch_size=64,256 trainer.max_epochs=1
+"""
+
+import argparse
+import csv
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = ["model=lenet", "optimizer.lr=0.01,0.02,0.05,0.1,0.2,0.4", "data.batch_size=64,256", "trainer.max_epochs=2",
+         "data.on_device=true"]
+QUIET = ["callbacks.progress_bar=null", "+trainer.enable_progress_bar=false"]
+
+
+def sweep(folder: Path, args: list[str]) -> tuple[float, dict[str, float]]:
+    """Wall time of `python train.py -m <args>` in `folder`, and val/acc by job."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *args, f"hydra.sweep.dir={folder}"],
+                            cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        sys.exit(f"the sweep in {folder} failed:\n{result.stderr[-3000:]}")
+    with open(folder / "summary.csv") as f:
+        return seconds, {row["job"]: float(row["val/acc"]) for row in csv.DictReader(f)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs-per-gpu", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--data-dir", default=os.environ.get("MNIST_LAB_DATA"))
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    common = [*SWEEP, *QUIET, *([f"data.data_dir={args.data_dir}"] if args.data_dir else []), *args.overrides]
+    arms = {"sequential": common,
+            "concurrent": ["hydra/launcher=gpus", f"hydra.launcher.jobs_per_gpu={args.jobs_per_gpu}", *common]}
+    print("sweep:", " ".join(common))
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            results = {}
+            for arm, arm_args in arms.items():
+                seconds, results[arm] = sweep(Path(tmp) / f"{arm}{repeat}", arm_args)
+                times[arm].append(seconds)
+                print(f"repeat {repeat + 1}: {arm:<10} {seconds:7.1f} s  ({len(results[arm])} jobs)", flush=True)
+            print("val/acc by job (sequential / concurrent):")
+            for job, value in results["sequential"].items():
+                other = results["concurrent"].get(job, float("nan"))
+                print(f"  job {job:>2}: {value:.4f} / {other:.4f}  (difference {other - value:+.4f})")
+    seq, con = statistics.median(times["sequential"]), statistics.median(times["concurrent"])
+    print(f"median wall time: sequential {seq:.1f} s, concurrent ({args.jobs_per_gpu} jobs per GPU) {con:.1f} s: "
+          f"{seq / con:.2f}x faster")
+
+
+if __name__ == "__main__":
+    main()
