@@ -52,5 +52,5 @@ step() { echo; echo "### $*"; "$@" 2>&1 | grep -v -e "it/s]" -e "^\s*$"; }
   echo "$(python3 -c "print(round($(date +%s.%N) - $start, 1))") s for the whole process"
   step python3 benchmarks/fixed_cost.py --repeats 2
   # issue 12: the 12-job LeNet sweep, one job at a time and 6 at once on the GPU
-  step python3 benchmarks/sweep_concurrency.py --jobs-per-gpu 6
+  step python3 benchmarks/sweep_concurrency.py --jobs-per-gpu 6 12
 } 2>&1 | tee "$log"

@@ -1,6 +1,6 @@
 """Wall time of one sweep run one job at a time, and with several jobs at once on each GPU.
 
-    python benchmarks/sweep_concurrency.py [--jobs-per-gpu 6] [--repeats 1] [--data-dir DIR] [OVERRIDE ...]
+    python benchmarks/sweep_concurrency.py [--jobs-per-gpu 6 [12 ...]] [--repeats 1] [--data-dir DIR] [OVERRIDE ...]
 
 The sweep is issue 12's 12 LeNet-5 jobs, 2 epochs each, data on the device:
 
@@ -11,10 +11,11 @@ with any OVERRIDE after them (a later value wins). Each repeat runs, in turns, e
 folder and a new process, as a user would type them:
 
   sequential  python train.py -m <sweep>                        (Hydra's basic launcher: one job after another)
-  concurrent  python train.py -m hydra/launcher=gpus hydra.launcher.jobs_per_gpu=N <sweep>
+  N at once   python train.py -m hydra/launcher=gpus hydra.launcher.jobs_per_gpu=N <sweep>   (each N given)
 
-Prints each one's wall time, the ratio, and every job's val/acc in both: the jobs are seeded, so
-they agree up to the nondeterminism of GPU kernels (or, on a CPU, of thread counts).
+Prints each one's wall time, its ratio to the sequential one, and every job's val/acc in each:
+the jobs are seeded, so they agree up to the nondeterminism of GPU kernels (or, on a CPU, of
+thread counts).
 On this project's 2-core CPU machine, a proxy that runs in minutes:
 
     python benchmarks/sweep_concurrency.py --jobs-per-gpu 2 model=softmax trainer=cpu \\
@@ -51,30 +52,33 @@ def sweep(folder: Path, args: list[str]) -> tuple[float, dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs-per-gpu", type=int, default=6)
+    parser.add_argument("--jobs-per-gpu", type=int, nargs="+", default=[6])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--data-dir", default=os.environ.get("MNIST_LAB_DATA"))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     common = [*SWEEP, *QUIET, *([f"data.data_dir={args.data_dir}"] if args.data_dir else []), *args.overrides]
-    arms = {"sequential": common,
-            "concurrent": ["hydra/launcher=gpus", f"hydra.launcher.jobs_per_gpu={args.jobs_per_gpu}", *common]}
+    arms = {"sequential": common}
+    for n in args.jobs_per_gpu:
+        arms[f"{n} at once"] = ["hydra/launcher=gpus", f"hydra.launcher.jobs_per_gpu={n}", *common]
     print("sweep:", " ".join(common))
     times: dict[str, list[float]] = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             results = {}
-            for arm, arm_args in arms.items():
-                seconds, results[arm] = sweep(Path(tmp) / f"{arm}{repeat}", arm_args)
+            for i, (arm, arm_args) in enumerate(arms.items()):
+                seconds, results[arm] = sweep(Path(tmp) / f"{repeat}-{i}", arm_args)
                 times[arm].append(seconds)
-                print(f"repeat {repeat + 1}: {arm:<10} {seconds:7.1f} s  ({len(results[arm])} jobs)", flush=True)
-            print("val/acc by job (sequential / concurrent):")
+                print(f"repeat {repeat + 1}: {arm:<12} {seconds:7.1f} s  ({len(results[arm])} jobs)", flush=True)
+            print("val/acc by job:", " / ".join(arms))
             for job, value in results["sequential"].items():
-                other = results["concurrent"].get(job, float("nan"))
-                print(f"  job {job:>2}: {value:.4f} / {other:.4f}  (difference {other - value:+.4f})")
-    seq, con = statistics.median(times["sequential"]), statistics.median(times["concurrent"])
-    print(f"median wall time: sequential {seq:.1f} s, concurrent ({args.jobs_per_gpu} jobs per GPU) {con:.1f} s: "
-          f"{seq / con:.2f}x faster")
+                others = [results[arm].get(job, float("nan")) for arm in list(arms)[1:]]
+                print(f"  job {job:>2}: " + " / ".join(f"{v:.4f}" for v in [value, *others]) +
+                      f"  (largest difference {max(abs(v - value) for v in others):.4f})")
+    sequential = statistics.median(times["sequential"])
+    print(f"median wall time: sequential {sequential:.1f} s" + "".join(
+        f"; {arm} on each GPU {statistics.median(t):.1f} s, {sequential / statistics.median(t):.2f}x faster"
+        for arm, t in times.items() if arm != "sequential"))
 
 
 if __name__ == "__main__":

@@ -59,3 +59,37 @@ def test_fixed_cost_times_the_phases_of_a_one_batch_run(real_data_dir):
     for phase in ("imports", "data: read and split", "sanity validation", "validation", "training (one batch)",
                   "checkpoints", "test loop", "test figures", "curves.png", "HPARAMS", "process exit"):
         assert phase in out, phase
+
+
+def smoke_data(data_dir) -> list[str]:
+    """A couple of batches per epoch on synthetic data, for the sweep benchmarks."""
+    return [f"--data-dir={data_dir}", "data.download=false", "data.verify_checksums=false", "data.val_size=100",
+            "data.eval_batch_size=50", "trainer=cpu", "data.on_device=false", "+trainer.limit_train_batches=3"]
+
+
+@pytest.mark.slow
+def test_sweep_concurrency_prints_both_wall_times_and_each_jobs_results(synthetic_dir):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "sweep_concurrency.py"), "--jobs-per-gpu", "2",
+         *smoke_data(synthetic_dir), "model=softmax", "optimizer.lr=0.05,0.1", "data.batch_size=32",
+         "trainer.max_epochs=1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[2] for line in lines if line.startswith("repeat 1:")] == ["sequential", "2"]
+    assert len([line for line in lines if line.startswith("  job ")]) == 2
+    assert any(line.startswith("median wall time: sequential") and "2 at once on each GPU" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_optuna_pruning_prints_best_and_epochs_with_and_without_a_pruner(synthetic_dir):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "optuna_pruning.py"), "--trials", "2", "--epochs", "2",
+         *smoke_data(synthetic_dir), "model=softmax", "data.batch_size=32"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "best val/acc" in line]
+    assert [line.split(":")[0].strip() for line in lines] == ["no pruning", "median"]
+    assert all("4 epochs over 2 trials (0 pruned, 0 failed)" in line for line in lines)  # too few trials to prune
