@@ -300,7 +300,13 @@ def check_resume_command(folder: Path, overrides: Sequence[str]) -> Path:
     return check_resumable(folder)
 
 
-SWEEP_HYDRA_KEYS = ("hydra/launcher", "hydra.launcher.", "hydra/sweeper", "hydra.sweeper.")  # what resume= replays
+# The Hydra settings that resume=<sweep folder> replays: the launcher and sweeper chosen (conf/ or
+# an installed plugin), the sweeper's settings (any _target_ among them is checked), and the
+# launchers' resource settings; not the launcher's others (submitit's `setup` runs shell lines).
+SWEEP_HYDRA_GROUPS = ("hydra/launcher", "hydra/sweeper")
+LAUNCHER_SETTINGS = ("jobs_per_gpu", "gpus", "n_jobs", "partition", "qos", "account", "constraint", "nodes",
+                     "gpus_per_node", "gpus_per_task", "tasks_per_node", "cpus_per_task", "cpus_per_gpu", "mem_gb",
+                     "mem_per_gpu", "mem_per_cpu", "timeout_min", "array_parallelism", "exclude")
 
 
 def resumed_sweep_argv(argv: Sequence[str]) -> list[str]:
@@ -332,7 +338,9 @@ def resumed_sweep_argv(argv: Sequence[str]) -> list[str]:
     hydra = [o for o in hydra if not o.startswith(("hydra.mode=", "hydra.sweep.dir="))]
     for override in parsed:
         key = override.get_key_element().lstrip("+~")
-        if key.startswith("hydra") and not key.startswith(("hydra.mode", "hydra.sweep.dir", *SWEEP_HYDRA_KEYS)):
+        replayed = key in ("hydra.mode", "hydra.sweep.dir") or key.startswith(("hydra.sweeper.", *SWEEP_HYDRA_GROUPS)) \
+            or key in (f"hydra.launcher.{setting}" for setting in LAUNCHER_SETTINGS)
+        if key.startswith("hydra") and not replayed:
             raise InputError(f"resume={folder}: its command sets {key}, which resume= does not replay from a folder "
                              f"that may come from anyone: if it is your sweep, run its command yourself, with "
                              f"hydra.sweep.dir={shlex.quote(str(folder))}")

@@ -277,6 +277,7 @@ def test_a_sweep_killed_halfway_goes_on_with_resume_and_reports_the_same_best_jo
     (("task", "+callbacks={x: {_target_: builtins.eval}}"), "names builtins.eval as a _target_"),
     (("hydra", "hydra.job_logging.root.level=DEBUG"), "sets hydra.job_logging.root.level"),
     (("hydra", "hydra.sweeper.sampler._target_=os.system"), "names os.system as a _target_"),
+    (("hydra", "hydra.launcher.setup=[touch /tmp/x]"), "sets hydra.launcher.setup"),
 ])
 def test_a_sweep_folder_cannot_run_code_through_resume(edit, refused, tmp_path):
     import yaml
@@ -285,11 +286,12 @@ def test_a_sweep_folder_cannot_run_code_through_resume(edit, refused, tmp_path):
 
     sweep = tmp_path / "sweep"
     sweep.mkdir()
-    overrides = {"task": ["model=softmax", "optimizer.lr=0.01,0.1"], "hydra": ["hydra.mode=MULTIRUN",
-                                                                               "hydra/launcher=gpus"]}
+    overrides = {"task": ["model=softmax", "optimizer.lr=0.01,0.1"],
+                 "hydra": ["hydra.mode=MULTIRUN", "hydra/launcher=gpus", "hydra.launcher.jobs_per_gpu=3"]}
     (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": overrides}}))
     assert resumed_sweep_argv(["-m", f"resume={sweep}", "rerun_failed=true"]) == [
-        "-m", "hydra/launcher=gpus", "model=softmax", "optimizer.lr=0.01,0.1", "rerun_failed=true",
+        "-m", "hydra/launcher=gpus", "hydra.launcher.jobs_per_gpu=3", "model=softmax", "optimizer.lr=0.01,0.1",
+        "rerun_failed=true",
         f"hydra.sweep.dir={sweep}"]
     overrides[edit[0]].append(edit[1])
     (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": overrides}}))
