@@ -154,9 +154,12 @@ def markdown(sweep_dir: Path, jobs: list[dict[str, Any]], keys: list[str], best:
             stats = [mean_std([job[m] for job in group]) for m in METRICS]
             lines.append("| " + " | ".join([*map(str, values), str(len(group)), *stats]) + " |")
         lines.append("")
-    count = {status: sum(job.get("status") == status for job in jobs) for status in ("ok", "pruned", "failed")}
-    pruned = f" {count['pruned']} pruned (stopped early by Optuna's pruner, not candidates for best)," if count["pruned"] else ""
-    lines.append(f"{len(jobs)} jobs: {count['ok']} ok,{pruned} {count['failed']} failed.")
+    order = [s for s in dict.fromkeys(["ok", "pruned", "running", "interrupted", *(j.get("status") for j in jobs)])
+             if s != "failed"] + ["failed"]
+    count = {status: sum(job.get("status") == status for job in jobs) for status in order}
+    explained = {"pruned": " (stopped early by Optuna's pruner, not candidates for best)"}
+    lines.append(f"{len(jobs)} jobs: " + ", ".join(f"{n} {status}{explained.get(status, '')}" for status, n in count.items()
+                                                   if n or status in ("ok", "failed")) + ".")
     return "\n".join(lines) + "\n"
 
 

@@ -42,7 +42,7 @@ def test_grid_report_marks_the_best_by_val_acc(tmp_path):
     table = rows(tmp_path)
     assert [r["job"] for r in table] == ["0", "1", "2", "3"]
     assert list(table[0]) == ["job", "optimizer.lr", "data.batch_size", "status", "val/acc", "test/acc", "epochs",
-                              "fit_time_s", "best", "error"]
+                              "fit_time_s", "best", "error", "pruned_at_epoch"]
     assert [r["best"] for r in table] == ["False", "False", "True", "False"]  # by val/acc, not test/acc
     summary = (tmp_path / "summary.md").read_text()
     assert "| 2 **best** | 0.1 | 64 | ok | 0.9800 | 0.9600 |" in summary
@@ -58,7 +58,7 @@ def test_failed_and_unfinished_jobs_are_listed(tmp_path):
     assert [(r["status"], r["best"], r["error"]) for r in rows(tmp_path)] == [
         ("ok", "True", ""), ("failed", "False", "InputError: training diverged"), ("running", "False", ""),
     ]
-    assert "3 jobs: 2 ok, 1 failed." in (tmp_path / "summary.md").read_text()
+    assert "3 jobs: 1 ok, 1 running, 1 failed." in (tmp_path / "summary.md").read_text()
 
 
 def test_seeds_are_aggregated_as_mean_and_std(tmp_path):
