@@ -61,7 +61,11 @@ def job(cfg: DictConfig) -> float:
             log.info("Pruned: Optuna's pruner stopped this trial after epoch %d", pruning.pruned_at)
             record_pruned(out_dir, pruning.pruned_at)
     except Interrupted as e:
-        if (out_dir / LAST_CHECKPOINT).is_file():
+        if (out_dir / LAST_CHECKPOINT).is_file() and multirun:
+            print(f"Stopped by {e.signal_name}; a checkpoint is saved. Resume the sweep with:\n  "
+                  f"{resume_command(Path(hydra_cfg.sweep.dir))}\nor this job alone with:\n  {resume_command(out_dir)}",
+                  file=sys.stderr)
+        elif (out_dir / LAST_CHECKPOINT).is_file():
             print(f"Stopped by {e.signal_name}; a checkpoint is saved. Resume with:\n  {resume_command(out_dir)}",
                   file=sys.stderr)
         else:

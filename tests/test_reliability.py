@@ -328,7 +328,8 @@ def test_a_signal_stops_a_whole_sweep_and_its_job_resumes_alone(real_data_dir, t
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
-    assert f"python train.py resume={sweep / '1'}" in stderr
+    assert f"Resume the sweep with:\n  python train.py resume={sweep}\nor this job alone with:\n  python train.py " \
+        f"resume={sweep / '1'}" in stderr
     assert metrics(sweep / "1")["status"] == "interrupted" and not (sweep / "2").exists()
 
     result = run_train(f"resume={sweep / '1'}", timeout=300)

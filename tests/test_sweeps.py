@@ -3,12 +3,16 @@ the launcher that runs several jobs at once, each pinned to a GPU."""
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_train, smoke_overrides
-from tests.test_reliability import single_error
+from tests.conftest import ROOT, run_train, smoke_overrides
+from tests.test_reliability import single_error, wait_for
 
 KILLER = "tests.callbacks.KillAtEpoch"
 MEET = "tests.callbacks.MeetAtFirstEpoch"
@@ -170,6 +174,29 @@ def test_jobs_run_at_once_each_on_its_own_gpu_with_the_results_of_one_at_a_time(
         for r, s in zip(rows_of(tmp_path / sweep), rows_of(tmp_path / "sequential"), strict=True):
             assert float(r["val/acc"]) == pytest.approx(float(s["val/acc"]), abs=0.011)  # threads may differ
         assert sorted(p.name for p in (tmp_path / sweep).iterdir() if p.is_dir()) == ["0", "1", "2", "3"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_jobs_at_once_with_checkpoints_and_resume_finishes_the_sweep(synthetic_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=gpus", "hydra.launcher.gpus=[]",
+            "hydra.launcher.jobs_per_gpu=2", *smoke_overrides(synthetic_dir, "model=softmax", "trainer.max_epochs=40"),
+            "optimizer.lr=0.05,0.1,0.2", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    for job in ("0", "1"):
+        wait_for(sweep / job / "checkpoints" / "last.ckpt", proc)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole foreground group
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.count(f"Resume the sweep with:\n  python train.py resume={sweep}\n") == 2
+    assert [json.loads((sweep / job / "metrics.json").read_text())["status"] for job in ("0", "1")] == \
+        ["interrupted"] * 2 and not (sweep / "2").exists()
+
+    resumed = run_train(f"resume={sweep}", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [(r["job"], r["status"], r["epochs"]) for r in rows_of(sweep)] == [(j, "ok", "40") for j in "012"]
+    assert all("resumed_from_step" in json.loads((sweep / job / "metrics.json").read_text()) for job in "01")
 
 
 @pytest.mark.parametrize("setting", ["hydra.launcher.jobs_per_gpu=0", "hydra.launcher.gpus=[7]"])

@@ -13,6 +13,7 @@ With no GPU (gpus: [] or none found), `jobs_per_gpu` workers run jobs at once on
 import logging
 import os
 import queue
+import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -68,8 +69,12 @@ class GpuLauncher(Launcher):
             finally:
                 self.workers.put(worker)
 
-        with ThreadPoolExecutor(self.slots) as threads:
-            return list(threads.map(run, range(initial_job_idx, initial_job_idx + len(job_overrides)), job_overrides))
+        try:
+            with ThreadPoolExecutor(self.slots) as threads:  # leaving it waits for the running jobs
+                return list(threads.map(run, range(initial_job_idx, initial_job_idx + len(job_overrides)),
+                                        job_overrides))
+        except KeyboardInterrupt:  # Ctrl-C reached the workers too: their jobs saved a checkpoint and said so
+            sys.exit(130)
 
 
 def visible_gpus(gpus: Sequence[int] | str) -> list[str]:
