@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
 # In-memory batches need no loader workers; Lightning's advice to add some does not apply.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
+# On a machine with SLURM installed, Lightning advises prepending srun to every command; here a
+# sweep goes to SLURM through hydra/launcher=slurm, whose jobs do run under srun.
+warnings.filterwarnings("ignore", ".*The `srun` command is available on your system but is not used.*")
 
 
 def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swept: Sequence[str] = (),
