@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import sys
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -59,9 +60,13 @@ class GpuLauncher(Launcher):
         log.info("Launching %d jobs, %s, in %s", len(job_overrides), where, self.config.hydra.sweep.dir)
         state = Singleton.get_state()
 
+        stopped = threading.Event()
+
         def run(num: int, overrides: Sequence[str]) -> JobReturn:
             worker = self.workers.get()
             try:
+                if stopped.is_set():  # stopped while this job waited for a free worker: it does not start
+                    raise KeyboardInterrupt
                 log.info("\t#%d : %s%s", num, " ".join(filter_overrides(overrides)),
                          f" (GPU {worker.gpu})" if worker.gpu is not None else "")
                 return worker.run(execute_job, num, overrides, self.hydra_context, self.config, self.task_function,
@@ -69,12 +74,16 @@ class GpuLauncher(Launcher):
             finally:
                 self.workers.put(worker)
 
+        threads = ThreadPoolExecutor(self.slots)
+        futures = [threads.submit(run, num, overrides)
+                   for num, overrides in enumerate(job_overrides, start=initial_job_idx)]
         try:
-            with ThreadPoolExecutor(self.slots) as threads:  # leaving it waits for the running jobs
-                return list(threads.map(run, range(initial_job_idx, initial_job_idx + len(job_overrides)),
-                                        job_overrides))
-        except KeyboardInterrupt:  # Ctrl-C reached the workers too: their jobs saved a checkpoint and said so
-            sys.exit(130)
+            return [future.result() for future in futures]
+        except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or a job stopped by a signal (SIGTERM: 143)
+            stopped.set()  # the running jobs save a checkpoint and say how to resume; no other starts
+            sys.exit(e.code if isinstance(e, SystemExit) else 130)
+        finally:
+            threads.shutdown(wait=True, cancel_futures=True)
 
 
 def visible_gpus(gpus: Sequence[int] | str) -> list[str]:
