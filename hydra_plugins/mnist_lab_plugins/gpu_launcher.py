@@ -71,6 +71,9 @@ class GpuLauncher(Launcher):
                          f" (GPU {worker.gpu})" if worker.gpu is not None else "")
                 return worker.run(execute_job, num, overrides, self.hydra_context, self.config, self.task_function,
                                   state)
+            except SystemExit:  # the job was stopped by a signal; this process may not have seen it (only
+                stopped.set()   # the main thread acts on signals, and the kernel may hand it to another)
+                raise
             finally:
                 self.workers.put(worker)
 
