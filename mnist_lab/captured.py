@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
@@ -102,7 +101,7 @@ class CapturedSteps:
             x, y = self.normalize(images.index_select(0, indices)), labels.index_select(0, indices)
             optimizer.zero_grad(set_to_none=False)  # zeroed in place: the graph keeps the gradients' memory
             logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            loss = model.criterion(logits, y)
             loss.backward()
             optimizer.step()
             model.train_counts.add_(torch.stack([(logits.argmax(1) == y).sum(), self._batch_size]))

@@ -8,10 +8,12 @@ from typing import Any
 import torch
 import yaml
 from hydra.utils import get_class
+from omegaconf import OmegaConf
 
 from mnist_lab.data import MNISTDataModule
 from mnist_lab.errors import InputError
 from mnist_lab.models import ImageClassifier
+from mnist_lab.run_folder import is_trusted, targets
 
 HINT = "pass a .ckpt file from a run folder's checkpoints/, e.g. --ckpt outputs/runs/<date>/<time>_lenet/checkpoints/last.ckpt"
 SLACK_BYTES = 1 << 20  # a model may hold this much beyond its weights (metric states, buffers not saved)
@@ -49,6 +51,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     path = Path(path)
     checkpoint = read_checkpoint(path)
     cls = _model_class(path, checkpoint)
+    # The loss is built with the model: a file may name only classes of mnist_lab's own config groups.
+    if untrusted := [t for t in targets(OmegaConf.create(checkpoint["hyper_parameters"])) if not is_trusted(t)]:
+        raise InputError(f"{path} names {untrusted[0]} in its hyperparameters, outside mnist_lab's own config groups: "
+                         f"{HINT}")
     weights = checkpoint["state_dict"]
     held = sum(s.nbytes() for s in {id(t.untyped_storage()): t.untyped_storage() for t in weights.values()
                                     if isinstance(t, torch.Tensor)}.values())

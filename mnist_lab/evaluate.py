@@ -65,13 +65,15 @@ def logits_of(model: torch.nn.Module, images: torch.Tensor, mean: float, std: fl
 
 def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: float, std: float,
              batch_size: int = 1000) -> tuple[dict[str, Any], torch.Tensor]:
-    """Accuracy, loss, per-class accuracy and the confusion matrix; and the logits."""
+    """Accuracy, loss (the model's training loss; cross-entropy for an ONNX file), per-class accuracy
+    and the confusion matrix; and the logits."""
     logits = logits_of(model, images, mean, std, batch_size)
+    criterion = getattr(model, "criterion", F.cross_entropy)
     labels = labels.to(logits.device)
     classes = logits.shape[1]
     metrics = {
         "test/acc": multiclass_accuracy(logits, labels, classes, average="micro").item(),
-        "test/loss": F.cross_entropy(logits, labels).item(),
+        "test/loss": criterion(logits, labels).item(),
         "per_class_acc": {str(c): a for c, a in enumerate(multiclass_accuracy(logits, labels, classes, average=None).tolist())},
         "confusion_matrix": multiclass_confusion_matrix(logits, labels, classes).tolist(),
     }

@@ -20,7 +20,7 @@ def hparams_of(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]
     short = lambda target: target.rsplit(".", 1)[-1]  # noqa: E731
     params: dict[str, Any] = {
         "model": short(cfg.model._target_), "optimizer": short(cfg.optimizer._target_),
-        "scheduler": short(cfg.scheduler._target_), "optimizer.lr": cfg.optimizer.lr,
+        "scheduler": short(cfg.scheduler._target_), "loss": short(cfg.loss._target_), "optimizer.lr": cfg.optimizer.lr,
         "augment": short(cfg.data.augment._target_) if cfg.data.get("augment") else "none",
         "data.dataset": cfg.data.dataset, "data.batch_size": cfg.data.batch_size, "seed": cfg.seed,
         "trainer.max_epochs": cfg.trainer.max_epochs,

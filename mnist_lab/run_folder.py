@@ -47,8 +47,8 @@ RERUN_FAILED = "rerun_failed"  # the config key that has a resumed sweep run its
 # The modules whose classes conf/ names as _target_ (tests/test_run_folder.py keeps this in step
 # with conf/): a resumed run builds nothing else unless told to (`trusted_targets=`).
 TRUSTED_MODULES = (
-    "mnist_lab.augment", "mnist_lab.callbacks", "mnist_lab.data", "mnist_lab.models",
-    "pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.loggers", "torch.optim",
+    "mnist_lab.augment", "mnist_lab.callbacks", "mnist_lab.data", "mnist_lab.losses", "mnist_lab.models",
+    "pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.loggers", "torch.nn", "torch.optim",
     "torch.optim.lr_scheduler",
 )
 

@@ -156,7 +156,8 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
     with config_errors("data"):  # data.augment stays plain data, built by the data module
         datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all", **captured)
     with config_errors("model"):
-        model = instantiate(cfg.model, optimizer=cfg.optimizer, scheduler=cfg.scheduler, _recursive_=False, _convert_="all")
+        model = instantiate(cfg.model, optimizer=cfg.optimizer, scheduler=cfg.scheduler, loss=cfg.loss, _recursive_=False,
+                            _convert_="all")
     if captured:
         train_set = lambda: (datamodule.train_set.images, datamodule.train_set.labels)  # noqa: E731  once set up
         model.captured = CapturedSteps(model, train_set, datamodule.normalize, cfg.steps_per_replay)

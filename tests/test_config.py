@@ -5,7 +5,8 @@ from omegaconf import OmegaConf
 
 from tests.conftest import ROOT, run_train
 
-GROUPS = ["data", "augment", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks", "experiment", "sweep"]
+GROUPS = ["data", "augment", "model", "optimizer", "loss", "scheduler", "trainer", "logger", "callbacks", "experiment",
+          "sweep"]
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((ROOT / "conf" / group).glob("*.yaml"))]
 
 
@@ -18,8 +19,10 @@ def test_every_option_composes_and_builds(group, option, make_cfg, synthetic_dir
     cfg = make_cfg(f"{group}={option}", f"data.data_dir={synthetic_dir}")
     OmegaConf.resolve(cfg)  # every interpolation resolves
     instantiate(cfg.data, _recursive_=False, _convert_="all")  # as mnist_lab.train.run does
-    model = instantiate(cfg.model, optimizer=cfg.optimizer, scheduler=cfg.scheduler, _recursive_=False, _convert_="all")
+    model = instantiate(cfg.model, optimizer=cfg.optimizer, scheduler=cfg.scheduler, loss=cfg.loss, _recursive_=False,
+                        _convert_="all")
     assert isinstance(model.hparams.optimizer, dict) and isinstance(model.hparams.scheduler, dict)
+    assert isinstance(model.hparams.loss, dict) and model.criterion(torch.randn(4, 10), torch.arange(4)).ndim == 0
     instantiate(cfg.logger, save_dir=str(tmp_path))
     for callback in cfg.callbacks.values():
         instantiate(callback)
@@ -44,6 +47,7 @@ def test_notebook_experiment_has_the_notebooks_settings(make_cfg):
     assert (cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed) == (64, 1000, 1)
     assert cfg.scheduler.factor == 1.0  # a constant learning rate
     assert (cfg.trainer.max_epochs, cfg.trainer.log_every_n_steps) == (10, 100)
+    assert cfg.loss._target_ == "mnist_lab.losses.LogSoftmaxNLL"  # log_softmax then F.nll_loss
 
 
 def test_data_dir_defaults_to_the_environment_variable(make_cfg, monkeypatch):

@@ -63,7 +63,7 @@ def test_hyperparameters_are_plain_data():
     model = MLP(hidden_sizes=[64, 32], optimizer={"_target_": "torch.optim.Adam", "lr": 0.01})
     assert dict(model.hparams) == {
         "hidden_sizes": [64, 32], "activation": "ReLU", "dropout": 0.2, "num_classes": 10,
-        "optimizer": {"_target_": "torch.optim.Adam", "lr": 0.01}, "scheduler": None,
+        "optimizer": {"_target_": "torch.optim.Adam", "lr": 0.01}, "scheduler": None, "loss": None,
     }
 
 

@@ -5,7 +5,6 @@ from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
@@ -16,6 +15,7 @@ from mnist_lab.errors import Diverged, InputError, config_errors
 if TYPE_CHECKING:
     from mnist_lab.captured import CapturedSteps
 
+DEFAULT_LOSS = {"_target_": "torch.nn.CrossEntropyLoss"}  # conf/loss/cross_entropy.yaml
 # Scheduler arguments that give the schedule's length; left null in config, the trainer fills them.
 SCHEDULE_LENGTH_ARGS = ("total_steps", "T_max")
 
@@ -31,13 +31,16 @@ def activation_layer(name: str) -> nn.Module:
 class ImageClassifier(pl.LightningModule):
     """Trains `self.net`, built by a subclass, to map (N, 1, 28, 28) images to (N, num_classes) logits.
 
-    `optimizer` and `scheduler` are plain dicts with a `_target_` (Hydra's config groups hand them
-    over as such), so hyperparameters stay plain data and checkpoints load with weights_only=True.
+    `optimizer`, `scheduler` and `loss` are plain dicts with a `_target_` (Hydra's config groups
+    hand them over as such), so hyperparameters stay plain data and checkpoints load with
+    weights_only=True. `loss` (conf/loss/, cross-entropy when None) is the training loss, and
+    val/loss and test/loss are computed with it.
     """
 
     net: nn.Module
 
-    def __init__(self, optimizer: dict | None = None, scheduler: dict | None = None, num_classes: int = 10) -> None:
+    def __init__(self, optimizer: dict | None = None, scheduler: dict | None = None, num_classes: int = 10,
+                 loss: dict | None = None) -> None:
         super().__init__()
         lr = (optimizer or {}).get("lr", 1)
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
@@ -46,6 +49,8 @@ class ImageClassifier(pl.LightningModule):
             raise InputError(f"optimizer.lr={lr} is beyond float32's range: pass e.g. optimizer.lr=0.01")
         # Collects the subclass's __init__ arguments too.
         self.save_hyperparameters()
+        with config_errors("loss"):
+            self.criterion: nn.Module = instantiate(loss or DEFAULT_LOSS)
         # Training accuracy is counted at the end of the epoch, from each step's predicted classes
         # and labels: in the step, on a 2-core CPU, an argmax and an append take 8 us, a running
         # count (compare, sum, two adds) 24 us, a torchmetrics update 100 us. None reads the device.
@@ -67,7 +72,7 @@ class ImageClassifier(pl.LightningModule):
             return None  # nothing left for Lightning's optimizer step: it finds no gradients
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y)
+        loss = self.criterion(logits, y)
         self._train_outputs.append((logits.argmax(1), y))
         self._check_and_log(loss)
         return loss
@@ -125,7 +130,7 @@ class ImageClassifier(pl.LightningModule):
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], loss: MeanMetric, acc: MulticlassAccuracy) -> torch.Tensor:
         x, y = batch
         logits = self(x)
-        loss.update(F.cross_entropy(logits, y), weight=len(y))
+        loss.update(self.criterion(logits, y), weight=len(y))
         acc.update(logits, y)
         return logits
 

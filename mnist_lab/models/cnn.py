@@ -21,8 +21,9 @@ class CNN(ImageClassifier):
         optimizer: dict | None = None,
         scheduler: dict | None = None,
         num_classes: int = 10,
+        loss: dict | None = None,
     ) -> None:
-        super().__init__(optimizer, scheduler, num_classes)
+        super().__init__(optimizer, scheduler, num_classes, loss)
         layers: list[nn.Module] = []
         width = 1
         for i, size in enumerate(channels):

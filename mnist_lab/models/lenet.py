@@ -17,8 +17,9 @@ class LeNet(ImageClassifier):
         optimizer: dict | None = None,
         scheduler: dict | None = None,
         num_classes: int = 10,
+        loss: dict | None = None,
     ) -> None:
-        super().__init__(optimizer, scheduler, num_classes)
+        super().__init__(optimizer, scheduler, num_classes, loss)
         self.net = nn.Sequential(
             nn.Conv2d(1, 6, 5, padding=2), activation_layer(activation), nn.MaxPool2d(2),  # (N, 1, 28, 28) -> (N, 6, 14, 14)
             nn.Conv2d(6, 16, 5), activation_layer(activation), nn.MaxPool2d(2),  # -> (N, 16, 5, 5)

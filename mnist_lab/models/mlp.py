@@ -16,8 +16,9 @@ class MLP(ImageClassifier):
         optimizer: dict | None = None,
         scheduler: dict | None = None,
         num_classes: int = 10,
+        loss: dict | None = None,
     ) -> None:
-        super().__init__(optimizer, scheduler, num_classes)
+        super().__init__(optimizer, scheduler, num_classes, loss)
         layers: list[nn.Module] = [nn.Flatten()]  # (N, 1, 28, 28) -> (N, 784)
         width = 28 * 28
         for size in hidden_sizes:

@@ -11,8 +11,9 @@ class SoftmaxRegression(ImageClassifier):
     """
 
     def __init__(
-        self, dropout: float = 0.0, optimizer: dict | None = None, scheduler: dict | None = None, num_classes: int = 10
+        self, dropout: float = 0.0, optimizer: dict | None = None, scheduler: dict | None = None, num_classes: int = 10,
+        loss: dict | None = None,
     ) -> None:
-        super().__init__(optimizer, scheduler, num_classes)
+        super().__init__(optimizer, scheduler, num_classes, loss)
         # (N, 1, 28, 28) -> (N, 784) -> (N, C)
         self.net = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(28 * 28, num_classes))
