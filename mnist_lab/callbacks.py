@@ -13,11 +13,12 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint, TQDMProgressBar
-from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.loggers import MLFlowLogger
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from mnist_lab.errors import InputError
 from mnist_lab.figures import Mistakes, confusion_figure, digit_grid, mistakes_figure, most_confident
+from mnist_lab.loggers import log_figure
 
 # The callback hooks Lightning calls on every training step, for every callback.
 STEP_HOOKS = (
@@ -179,7 +180,7 @@ class TestFigures(pl.Callback):
         self.wrong = most_confident(batch_mistakes, self.samples)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not isinstance(trainer.logger, TensorBoardLogger) or self.first is None:
+        if not trainer.loggers or self.first is None:
             return
         matrix = self.confusion.compute()  # torchmetrics sums it over the DDP processes
         mistakes = self.wrong
@@ -187,11 +188,10 @@ class TestFigures(pl.Callback):
             mistakes = gather_mistakes(mistakes, self.samples, pl_module.all_gather)
         if not trainer.is_global_zero:
             return
-        writer, step = trainer.logger.experiment, trainer.global_step
         images, predicted, labels = self.first
-        writer.add_figure("test/samples", digit_grid(images, [f"{p} (true {t})" for p, t in zip(predicted.tolist(), labels.tolist())]), step)
-        writer.add_figure("test/misclassified", mistakes_figure(*mistakes), step)
-        writer.add_figure("test/confusion_matrix", confusion_figure(matrix), step)
+        log_figure(trainer, "test/samples", digit_grid(images, [f"{p} (true {t})" for p, t in zip(predicted.tolist(), labels.tolist())]))
+        log_figure(trainer, "test/misclassified", mistakes_figure(*mistakes))
+        log_figure(trainer, "test/confusion_matrix", confusion_figure(matrix))
 
 
 class Interrupted(BaseException):
@@ -225,11 +225,13 @@ class TrainingState(Checkpoint):
         self.last_checkpoint = Path(last_checkpoint)
         self.signal_name: str | None = None
         self.logger_version: str | int | None = None
+        self.mlflow_run_id: str | None = None
         self._stopping = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.logger is not None:
             self.logger_version = trainer.logger.version
+        self.mlflow_run_id = next((lg.run_id for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
         if trainer.world_size == 1:  # DDP's processes must agree on the stopping batch at every step
             self._watch_steps(self.signal_name is not None or trainer.received_sigterm)
 
@@ -279,7 +281,8 @@ class TrainingState(Checkpoint):
             raise Interrupted(self.signal_name)
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"torch_rng": torch.get_rng_state(), "logger_version": self.logger_version}
+        state = {"torch_rng": torch.get_rng_state(), "logger_version": self.logger_version,
+                 "mlflow_run_id": self.mlflow_run_id}
         if torch.cuda.is_initialized():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         return state

@@ -35,13 +35,16 @@ SWEEP_FILE = "sweep.json"  # the swept keys, written into a sweep folder when th
 
 # What mnist_lab writes at the top of a run folder. It may also hold TensorBoard runs: folders of
 # event files (a sweep job's is named by its swept values).
+MLFLOW_STORE, MLFLOW_ARTIFACTS = "mlflow.db", "mlartifacts"  # logger=mlflow, in a run or sweep folder
 RUN_FILES = (LOCK_FILE, ".hydra", str(CHECKPOINTS), METRICS_FILE, f".{METRICS_FILE}.*", "curves.png", "*.log",
-             "events.out.tfevents.*", "hparams.yaml", ".write_test")
+             "events.out.tfevents.*", "hparams.yaml", ".write_test", "csv", MLFLOW_STORE, f"{MLFLOW_STORE}-*",
+             MLFLOW_ARTIFACTS)
 TENSORBOARD_FILES = ("events.out.tfevents.*", "hparams.yaml")
 # ... and of a sweep folder, beside its job folders (named by number, each a run folder).
 STUDY_FILE = "optuna.db"  # sweep=optuna: the study, in SQLite, unless hydra.sweeper.storage names another
 SWEEP_FILES = (LOCK_FILE, "multirun.yaml", SWEEP_FILE, "summary.csv", "summary.md", "summary.png", ".*.summary.*",
-               ".write_test", "optimization_results.yaml", STUDY_FILE, f"{STUDY_FILE}-*", ".submitit")
+               ".write_test", "optimization_results.yaml", STUDY_FILE, f"{STUDY_FILE}-*", ".submitit", MLFLOW_STORE,
+               f"{MLFLOW_STORE}-*", MLFLOW_ARTIFACTS)
 RERUN_FAILED = "rerun_failed"  # the config key that has a resumed sweep run its failed jobs again
 
 # The modules whose classes conf/ names as _target_ (tests/test_run_folder.py keeps this in step

@@ -22,7 +22,8 @@ from mnist_lab.errors import InputError, config_errors
 from mnist_lab.figures import plot_curves
 from mnist_lab.hparams import hparams_of, log_hparams
 from mnist_lab.report import run_name
-from mnist_lab.run_folder import LAST_CHECKPOINT, ensure_writable, record_finished, record_interrupted
+from mnist_lab.loggers import build_loggers, finish_loggers, forget_after
+from mnist_lab.run_folder import LAST_CHECKPOINT, METRICS_FILE, ensure_writable, record_finished, record_interrupted
 
 log = logging.getLogger(__name__)
 # Lightning advertises its cloud logger at every Trainer start, in every run's log: drop that line.
@@ -66,7 +67,7 @@ def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swe
         **({"resumed_from_step": logger_kwargs["purge_step"]} if resume_from else {}),
     }
     if trainer.is_global_zero:  # DDP: one process writes the run's files
-        finish(cfg, out_dir, trainer.logger, metrics, overrides, swept)
+        finish(cfg, out_dir, trainer.loggers, metrics, overrides, swept)
     return metrics
 
 
@@ -89,11 +90,14 @@ def best_checkpoint(cfg: DictConfig, out_dir: Path) -> ModelCheckpoint:
 
 def build_trainer(cfg: DictConfig, out_dir: Path, logger_kwargs: dict[str, Any], callbacks: list[pl.Callback]
                   ) -> pl.Trainer:
-    """The trainer, writing into out_dir through the configured logger."""
-    with config_errors("logger"):
-        logger = instantiate(cfg.logger, save_dir=str(out_dir), **logger_kwargs)
+    """The trainer, writing into out_dir through the configured loggers (TensorBoard first)."""
+    tensorboard = {k: v for k, v in logger_kwargs.items() if k in ("version", "purge_step")}
+    loggers = build_loggers(cfg, out_dir, tensorboard, run_name=logger_kwargs.get("version") or out_dir.name,
+                            mlflow_run_id=logger_kwargs.get("mlflow_run_id"))
+    if "purge_step" in logger_kwargs:
+        forget_after(loggers, logger_kwargs["purge_step"])
     with config_errors("trainer"):
-        return instantiate(cfg.trainer, default_root_dir=str(out_dir), logger=logger, callbacks=callbacks)
+        return instantiate(cfg.trainer, default_root_dir=str(out_dir), logger=loggers, callbacks=callbacks)
 
 
 def build_callback(cfg: DictConfig, key: str) -> pl.Callback | None:
@@ -116,13 +120,16 @@ def recording_stops(trainer: pl.Trainer, out_dir: Path) -> Iterator[None]:
         raise stopped from None
 
 
-def finish(cfg: DictConfig, out_dir: Path, logger: pl.loggers.Logger, metrics: dict[str, Any],
+def finish(cfg: DictConfig, out_dir: Path, loggers: Sequence[pl.loggers.Logger], metrics: dict[str, Any],
            overrides: Sequence[str], swept: Sequence[str]) -> None:
-    """The run's last files: HPARAMS with the final metrics, curves.png, metrics.json; a summary."""
-    if isinstance(logger, TensorBoardLogger):
-        log_hparams(logger, hparams_of(cfg, overrides), swept)
-        plot_curves(out_dir, Path(logger.log_dir))
+    """The run's last files: HPARAMS with the final metrics, curves.png, metrics.json, the same to
+    the other loggers; a summary."""
+    params = hparams_of(cfg, overrides)
+    if loggers and isinstance(loggers[0], TensorBoardLogger):
+        log_hparams(loggers[0], params, swept)
+        plot_curves(out_dir, Path(loggers[0].log_dir))
     record_finished(out_dir, metrics)
+    finish_loggers(loggers, params, [out_dir / "curves.png", out_dir / METRICS_FILE])
     logdir = "outputs" if out_dir.resolve().is_relative_to(Path("outputs").resolve()) else out_dir
     log.info(
         "Run folder: %s\nTest accuracy: %.2f%% (best val/acc %.2f%%, %d epochs, %.1f s)\nTensorBoard: tensorboard --logdir %s",
@@ -189,4 +196,6 @@ def logger_run(out_dir: Path, swept: Sequence[str], overrides: Sequence[str], re
     run = {"purge_step": checkpoint["global_step"]}  # the first step the resumed run logs
     if state.get("logger_version") is not None:
         run["version"] = state["logger_version"]
+    if state.get("mlflow_run_id") is not None:  # logger=mlflow: the same MLflow run goes on
+        run["mlflow_run_id"] = state["mlflow_run_id"]
     return run

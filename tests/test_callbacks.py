@@ -81,7 +81,7 @@ def test_a_checkpoint_every_n_steps_still_saves(tmp_path):
 @pytest.mark.parametrize("signal_first", [False, True])
 def test_training_state_watches_steps_only_once_a_signal_arrives(signal_first, tmp_path):
     state = TrainingState(tmp_path / "last.ckpt")
-    trainer = SimpleNamespace(logger=None, world_size=1, received_sigterm=False)
+    trainer = SimpleNamespace(logger=None, loggers=[], world_size=1, received_sigterm=False)
     if signal_first:  # a signal before training started
         state.stop_signal("SIGINT")
     state.on_fit_start(trainer, None)
