@@ -93,3 +93,17 @@ def test_optuna_pruning_prints_best_and_epochs_with_and_without_a_pruner(synthet
     lines = [line for line in result.stdout.splitlines() if "best val/acc" in line]
     assert [line.split(":")[0].strip() for line in lines] == ["no pruning", "median"]
     assert all("4 epochs over 2 trials (0 pruned, 0 failed)" in line for line in lines)  # too few trials to prune
+
+
+@pytest.mark.slow
+def test_demo_latency_prints_the_round_trip_and_server_times(real_checkpoint, real_data_dir):
+    checkpoint, _ = real_checkpoint
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "demo_latency.py"), "--ckpt", str(checkpoint), "--requests", "5",
+         f"--data-dir={real_data_dir}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("5 drawings") and lines[0].endswith("answered 7")
+    assert [line.split(":")[0].strip() for line in lines[1:]] == ["round trip", "server"]
