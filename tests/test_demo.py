@@ -126,12 +126,16 @@ def test_a_drawn_seven_is_a_seven_and_the_page_shows_what_predict_says(server, r
         (predicted,) = json.loads(result.stdout)
         assert (predicted["digit"], predicted["probabilities"]) == (drawn["digit"], drawn["probabilities"])
 
+        shown_input = "return Array.from(input.getContext('2d').getImageData(0, 0, 28, 28).data.filter((_, i) => i % 4 == 0))"
+        before = np.array(driver.execute_script(shown_input)).reshape(28, 28)
+        assert np.array_equal(before, np.array(drawn["input"]))  # the 28 x 28 canvas shows what the model saw
         driver.find_element(By.CSS_SELECTOR, "button[data-distortion='transpose']").click()
         deadline = time.monotonic() + 30
         while (transposed := settled(driver))["distortion"] != "transpose":
             assert time.monotonic() < deadline
             time.sleep(0.1)
         assert np.array_equal(np.array(transposed["input"]), np.array(drawn["input"]).T)  # the image the model sees
+        assert np.array_equal(np.array(driver.execute_script(shown_input)).reshape(28, 28), before.T)  # and shows
         driver.save_screenshot(str(ARTIFACTS / "demo_seven_transposed.png"))
         # Offline: every resource the page loaded came from the demo server.
         resources = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
