@@ -55,9 +55,14 @@ def mlflow_logger(conf: DictConfig, out_dir: Path, run_name: str, run_id: str | 
     if importlib.util.find_spec("mlflow") is None:  # an optional dependency
         raise InputError('logger=mlflow needs MLflow: pip install "mnist_lab[mlflow]" (mlflow-skinny)')
     folder = out_dir.parent if (out_dir.parent / SWEEP_FILE).is_file() else out_dir
-    store = {} if conf.get("tracking_uri") else {
-        "tracking_uri": f"sqlite:///{(folder / MLFLOW_STORE).resolve()}",
-        "artifact_location": str((folder / MLFLOW_ARTIFACTS).resolve())}
+    uri = conf.get("tracking_uri")
+    if not uri:
+        store = {"tracking_uri": f"sqlite:///{(folder / MLFLOW_STORE).resolve()}",
+                 "artifact_location": str((folder / MLFLOW_ARTIFACTS).resolve())}
+    elif uri.startswith("sqlite:///") and not conf.get("artifact_location"):  # not MLflow's ./mlruns in the cwd
+        store = {"artifact_location": str(Path(uri.removeprefix("sqlite:///")).resolve().parent / MLFLOW_ARTIFACTS)}
+    else:  # a server keeps its own artifacts
+        store = {}
     # A new store's set-up lines (MLflow's, its database migrations', Lightning's "not found. Creating it").
     for name in ("alembic", "mlflow.store.db.utils"):
         logging.getLogger(name).setLevel(logging.WARNING)

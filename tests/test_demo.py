@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +33,13 @@ def test_digit(data_dir: Path, label: int) -> np.ndarray:
 test_digit.__test__ = False  # a helper, not a test
 
 
-@pytest.fixture(scope="module")
-def server(real_checkpoint, tmp_path_factory) -> Iterator[tuple[str, Path]]:
-    """The demo on a free port of 127.0.0.1, started as a user would; (its URL, its checkpoint)."""
-    checkpoint, _ = real_checkpoint
+@contextmanager
+def demo_server(checkpoint: Path, log: Path, *args: str) -> Iterator[str]:
+    """python -m mnist_lab.demo on a free port of 127.0.0.1, started as a user would: its URL."""
     port = free_port()
-    log = tmp_path_factory.mktemp("demo") / "demo.log"
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "-m", "mnist_lab.demo", "--ckpt", str(checkpoint), "--port",
-                                    str(port)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+                                    str(port), *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -53,9 +52,17 @@ def server(real_checkpoint, tmp_path_factory) -> Iterator[tuple[str, Path]]:
                 assert time.monotonic() < deadline, log.read_text()
                 time.sleep(0.3)
         assert f"http://127.0.0.1:{port}/" in log.read_text()  # the URL is printed
-        yield url, checkpoint
+        yield url
     finally:
         stop(process)
+
+
+@pytest.fixture(scope="module")
+def server(real_checkpoint, tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """The demo of a LeNet-5 trained for an epoch: (its URL, the checkpoint)."""
+    checkpoint, _ = real_checkpoint
+    with demo_server(checkpoint, tmp_path_factory.mktemp("demo") / "demo.log") as url:
+        yield url, checkpoint
 
 
 def post(url: str, body: bytes, content_type: str = "application/octet-stream") -> tuple[int, dict]:
@@ -184,3 +191,30 @@ def test_a_bad_checkpoint_gets_predicts_one_line(tmp_path):
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         lines.append(result.stderr.strip().splitlines()[-1])
     assert lines[0] == lines[1] and str(bad) in lines[0]
+
+
+def test_the_menu_switches_to_an_onnx_export_of_the_run(real_checkpoint, real_data_dir, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    checkpoint, _ = real_checkpoint
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(checkpoint, run / "checkpoints" / checkpoint.name)
+    exported = subprocess.run([sys.executable, "-m", "mnist_lab.export", "--ckpt", str(run / "checkpoints" / checkpoint.name),
+                               "--out", str(run / "model.onnx")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr
+    seven = tmp_path / "seven.png"
+    Image.fromarray(test_digit(real_data_dir, 7)).resize((280, 280)).save(seven)
+    with demo_server(run / "checkpoints" / checkpoint.name, tmp_path / "demo.log", "--models", str(run)) as url:
+        with urllib.request.urlopen(f"{url}/api/models") as response:
+            models = json.load(response)["models"]
+        assert str((run / "model.onnx").resolve()) in models
+        _, by_checkpoint = post(f"{url}/api/predict", seven.read_bytes())
+        status, answer = post(f"{url}/api/model", json.dumps({"model": str((run / "model.onnx").resolve())}).encode(),
+                              "application/json")
+        assert status == 200, answer
+        _, by_onnx = post(f"{url}/api/predict", seven.read_bytes())
+    assert by_onnx["model"].endswith("model.onnx") and by_onnx["digit"] == by_checkpoint["digit"] == 7
+    assert by_onnx["probabilities"] == pytest.approx(by_checkpoint["probabilities"], abs=1e-4)

@@ -9,7 +9,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mnist_lab.errors import InputError
-from tests.conftest import run_train, smoke_overrides
+from tests.conftest import ROOT, run_train, smoke_overrides
 
 KILLER = "tests.callbacks.KillAtEpoch"
 
@@ -109,3 +109,16 @@ def test_tensorboard_cannot_be_left_out(make_cfg, tmp_path):
 
     with pytest.raises(InputError, match="TensorBoard is always on"):
         build_loggers(make_cfg("~logger.tensorboard"), tmp_path, {}, "run")
+
+
+@pytest.mark.slow
+def test_a_tracking_uri_given_is_used_instead_of_the_run_folder(synthetic_dir, tmp_path):
+    store = tmp_path / "elsewhere.db"
+    result = run_train("logger=mlflow", f"logger.mlflow.tracking_uri=sqlite:///{store}",
+                       "logger.mlflow.experiment_name=mnist_lab", *smoke_overrides(synthetic_dir, "model=softmax"),
+                       f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr
+    client, (mlflow_run,) = mlflow_runs(store)
+    assert mlflow_run.info.status == "FINISHED" and not (tmp_path / "run" / "mlflow.db").exists()
+    assert "curves.png" in artifacts(client, mlflow_run.info.run_id)
+    assert (tmp_path / "mlartifacts").is_dir() and not (ROOT / "mlruns").exists()  # beside the store, not in the cwd
