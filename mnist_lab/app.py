@@ -26,7 +26,8 @@ from mnist_lab.errors import InputError, cause_of
 from mnist_lab.report import load_jobs, recorded_sweep_keys, sweep_keys, write_report
 from mnist_lab.run_folder import (
     LAST_CHECKPOINT, SWEEP_FILE, check_resume_command, check_run_folder, check_sweep_folder, claim, ensure_writable,
-    earlier_attempt, record_failed, record_pruned, resume_checkpoint, resume_command, resume_config, study_storage,
+    earlier_attempt, in_sweep, record_failed, record_pruned, resume_checkpoint, resume_command, resume_config,
+    study_storage,
 )
 from mnist_lab.train import run
 
@@ -61,19 +62,18 @@ def job(cfg: DictConfig) -> float:
             log.info("Pruned: Optuna's pruner stopped this trial after epoch %d", pruning.pruned_at)
             record_pruned(out_dir, pruning.pruned_at)
     except Interrupted as e:
-        if (out_dir / LAST_CHECKPOINT).is_file() and multirun:
-            print(f"Stopped by {e.signal_name}; a checkpoint is saved. Resume the sweep with:\n  "
-                  f"{resume_command(Path(hydra_cfg.sweep.dir))}\nor this job alone with:\n  {resume_command(out_dir)}",
-                  file=sys.stderr)
-        elif (out_dir / LAST_CHECKPOINT).is_file():
-            print(f"Stopped by {e.signal_name}; a checkpoint is saved. Resume with:\n  {resume_command(out_dir)}",
-                  file=sys.stderr)
-        else:
+        if not (out_dir / LAST_CHECKPOINT).is_file():
             print(f"Stopped by {e.signal_name} before the first checkpoint: start the run again", file=sys.stderr)
+        else:
+            how = f"Resume with:\n  {resume_command(out_dir)}"
+            if multirun:
+                how = f"Resume the sweep with:\n  {resume_command(Path(hydra_cfg.sweep.dir))}\nor this job alone with:" \
+                      f"\n  {resume_command(out_dir)}"
+            print(f"Stopped by {e.signal_name}; a checkpoint is saved. {how}", file=sys.stderr)
         sys.exit(e.exit_code)
     except Exception as e:  # noqa: BLE001  every failure is recorded; bad input and the machine's get one line
         return failed(out_dir, e, multirun)
-    if resume_from and (out_dir.parent / SWEEP_FILE).is_file():
+    if resume_from and in_sweep(out_dir):
         write_report(out_dir.parent)  # a sweep job resumed on its own: the sweep's report catches up
     return metrics["val/acc"]
 

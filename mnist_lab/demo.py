@@ -15,7 +15,6 @@ internet: it works offline, and starts in the time it takes to load the model.
 """
 
 import argparse
-import io
 import socket
 import sys
 import time
@@ -23,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
@@ -31,7 +29,7 @@ from starlette.routing import Route
 
 from mnist_lab.errors import InputError, one_line_errors
 from mnist_lab.evaluate import DISTORTIONS
-from mnist_lab.predict import MAX_PIXELS, Classifier, to_mnist
+from mnist_lab.predict import Classifier, load_image
 
 MAX_BODY = 4 * 2**20  # bytes of an uploaded image: a drawing is a few kB, a photo a few MB
 CHOICES = ("clean", "transpose", "rotate 30", "shift 4", "invert")  # the page's distortion buttons
@@ -62,29 +60,14 @@ class Demo:
         if distortion not in CHOICES:
             raise InputError(f"unknown distortion {distortion!r}: one of {', '.join(CHOICES)}")
         start = time.perf_counter()
-        image = DISTORTIONS[distortion](read_image(body).unsqueeze(0)).clamp(0, 255)  # (1, 1, 28, 28)
+        if not body:
+            raise InputError("an empty request: send the drawing, or an image file")
+        image = DISTORTIONS[distortion](load_image(body).unsqueeze(0)).clamp(0, 255)  # (1, 1, 28, 28), bounded as predict
         probabilities = self.classifier.probabilities(image)[0]
         digit = int(probabilities.argmax())
         return {"digit": digit, "probabilities": [round(float(p), 6) for p in probabilities],
                 "input": image[0, 0].round().to(torch.uint8).tolist(), "distortion": distortion,
                 "model": str(self.path), "ms": round(1000 * (time.perf_counter() - start), 1)}
-
-
-def read_image(body: bytes) -> torch.Tensor:
-    """(1, 28, 28) MNIST-style pixels of an uploaded image, bounded as `predict` bounds files."""
-    if not body:
-        raise InputError("an empty request: send the drawing, or an image file")
-    try:
-        with Image.open(io.BytesIO(body)) as image:
-            if image.width * image.height > MAX_PIXELS:
-                raise InputError(f"{image.width} x {image.height} pixels is more than the {MAX_PIXELS / 1e6:.0f} "
-                                 "megapixels the page reads: scale the image down")
-            image.load()
-            return to_mnist(image)
-    except UnidentifiedImageError:
-        raise InputError("cannot read it as an image: not a format Pillow knows (PNG, JPEG, BMP, GIF, TIFF, ...)") from None
-    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"cannot read it as an image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 async def body_of(request: Request) -> bytes:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
 
 from mnist_lab.errors import InputError, config_errors
-from mnist_lab.run_folder import MLFLOW_ARTIFACTS, MLFLOW_STORE, SWEEP_FILE
+from mnist_lab.run_folder import MLFLOW_ARTIFACTS, MLFLOW_STORE, in_sweep
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def mlflow_logger(conf: DictConfig, out_dir: Path, run_name: str, run_id: str | 
     """MLflow's logger, storing in SQLite in the sweep folder for a sweep's job, else in the run folder."""
     if importlib.util.find_spec("mlflow") is None:  # an optional dependency
         raise InputError('logger=mlflow needs MLflow: pip install "mnist_lab[mlflow]" (mlflow-skinny)')
-    folder = out_dir.parent if (out_dir.parent / SWEEP_FILE).is_file() else out_dir
+    folder = out_dir.parent if in_sweep(out_dir) else out_dir
     uri = conf.get("tracking_uri")
     if not uri:
         store = {"tracking_uri": f"sqlite:///{(folder / MLFLOW_STORE).resolve()}",

@@ -9,6 +9,7 @@ centre.
 """
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -71,9 +72,10 @@ def to_mnist(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(field * 255).unsqueeze(0)
 
 
-def load_image(path: Path) -> torch.Tensor:
+def load_image(source: Path | bytes) -> torch.Tensor:
+    """(1, 28, 28) MNIST-style pixels of an image file, or of its bytes (the demo page's uploads)."""
     try:
-        with Image.open(path) as image:  # reads the header only
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:  # reads the header only
             if image.width * image.height > MAX_PIXELS:  # Pillow refuses only above 179 million: gigabytes as floats
                 raise InputError(f"{image.width} x {image.height} pixels is more than the {MAX_PIXELS / 1e6:.0f} megapixels "
                                  "predict reads: scale the image down (a digit needs a few hundred pixels)")
@@ -81,7 +83,9 @@ def load_image(path: Path) -> torch.Tensor:
             return to_mnist(image)
     except FileNotFoundError:
         raise InputError("no such file") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:  # Pillow's ways of failing
+    except UnidentifiedImageError:
+        raise InputError("cannot read it as an image: not a format Pillow knows (PNG, JPEG, BMP, GIF, TIFF, ...)") from None
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:  # Pillow's other ways of failing
         raise InputError(f"cannot read it as an image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
