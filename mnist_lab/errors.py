@@ -41,6 +41,12 @@ def config_errors(key: str) -> Iterator[None]:
                          "(python train.py --help lists them)") from None
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, or its type's name when the message is empty."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def cause_of(error: BaseException) -> BaseException:
     """The error of the object Hydra was building, from inside its InstantiationExceptions."""
     while isinstance(error, InstantiationException) and error.__cause__ is not None:

@@ -21,9 +21,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_lab.errors import Diverged, InputError
+from mnist_lab.errors import Diverged, InputError, first_line
 
 CHECKPOINTS = Path("checkpoints")
 LAST_CHECKPOINT = CHECKPOINTS / "last.ckpt"
@@ -47,13 +48,8 @@ SWEEP_FILES = (LOCK_FILE, "multirun.yaml", SWEEP_FILE, "summary.csv", "summary.m
                f"{MLFLOW_STORE}-*", MLFLOW_ARTIFACTS)
 RERUN_FAILED = "rerun_failed"  # the config key that has a resumed sweep run its failed jobs again
 
-# The modules whose classes conf/ names as _target_ (tests/test_run_folder.py keeps this in step
-# with conf/): a resumed run builds nothing else unless told to (`trusted_targets=`).
-TRUSTED_MODULES = (
-    "mnist_lab.augment", "mnist_lab.callbacks", "mnist_lab.data", "mnist_lab.losses", "mnist_lab.models",
-    "pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.loggers", "torch.nn", "torch.optim",
-    "torch.optim.lr_scheduler",
-)
+# The configs: a link to the checkout's conf/, their one source, and a copy of it in an installed package.
+CONF_DIR = Path(__file__).parent / "conf"
 
 log = logging.getLogger(__name__)
 _held_locks: list[IO[str]] = []  # open for the life of the process: the lock goes with it, even on SIGKILL
@@ -321,7 +317,7 @@ def resumed_sweep_argv(argv: Sequence[str]) -> list[str]:
     """`resume=<sweep folder> [rerun_failed=true] [trusted_targets=[...]]`: that sweep's own command
     line (multirun.yaml), with -m, to run again in its folder; any other command line as it is. The
     folder is data, never code: its command may choose config groups and set values, the launcher
-    and the sweeper, but a _target_ outside TRUSTED_MODULES, or any other Hydra setting, is refused
+    and the sweeper, but a _target_ that conf/ does not name, or any other Hydra setting, is refused
     unless given on this command line."""
     given = [a for a in argv if a.startswith("resume=")]
     folder = Path(given[-1].partition("=")[2]) if given else None
@@ -344,6 +340,7 @@ def resumed_sweep_argv(argv: Sequence[str]) -> list[str]:
         raise InputError(f"resume={folder}: its command line ({folder / 'multirun.yaml'}) does not read: "
                          f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     hydra = [o for o in hydra if not o.startswith(("hydra.mode=", "hydra.sweep.dir="))]
+    modules = trusted_modules()
     for override in parsed:
         key = override.get_key_element().lstrip("+~")
         replayed = key in ("hydra.mode", "hydra.sweep.dir") or key.startswith(("hydra.sweeper.", *SWEEP_HYDRA_GROUPS)) \
@@ -355,11 +352,10 @@ def resumed_sweep_argv(argv: Sequence[str]) -> list[str]:
         values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
         named = [str(v) for v in values] if key.endswith("_target_") else []
         named += [t for v in values if isinstance(v, (dict, list)) for t in targets(OmegaConf.create(v))]
-        if untrusted := [t for t in named if t not in trusted and not is_trusted(t)]:
+        if untrusted := [t for t in named if t not in trusted and not is_trusted(t, modules)]:
             raise InputError(
-                f"resume={folder}: its command names {untrusted[0]} as a _target_, which is outside mnist_lab's own "
-                f"config groups, and a sweep folder may come from anyone. If you started this sweep with it, resume "
-                f"with: python train.py resume={shlex.quote(str(folder))} 'trusted_targets=[{','.join(untrusted)}]'")
+                f"resume={folder}: its command names {untrusted[0]} as a _target_, a class from a module that no config in conf/ "
+                f"names, and a sweep folder may come from anyone. If you started this sweep with it, resume with: python train.py resume={shlex.quote(str(folder))} 'trusted_targets=[{','.join(untrusted)}]'")
     return ["-m", *hydra, *task, *(a for a in rest if a.startswith(f"{RERUN_FAILED}=")),
             f"hydra.sweep.dir={folder}"]
 
@@ -375,10 +371,11 @@ def resume_config(folder: Path, compose: Callable[[list[str]], DictConfig], trus
     except Exception as e:  # noqa: BLE001  Hydra's errors for an override that no longer composes
         raise InputError(f"resume={folder}: its overrides ({folder / OVERRIDES_FILE}) no longer compose with conf/: "
                          f"{str(e).splitlines()[0]}") from None
-    if untrusted := [t for t in targets(cfg) if t not in trusted and not is_trusted(t)]:
+    modules = trusted_modules()
+    if untrusted := [t for t in targets(cfg) if t not in trusted and not is_trusted(t, modules)]:
         raise InputError(
-            f"resume={folder}: its settings name {untrusted[0]} as a _target_, which is outside mnist_lab's own config "
-            f"groups, and a run folder may come from anyone. If you started this run with it, resume with: "
+            f"resume={folder}: its settings name {untrusted[0]} as a _target_, a class from a module that no config in conf/ names, "
+            f"and a run folder may come from anyone. If you started this run with it, resume with: "
             f"{resume_command(folder)} 'trusted_targets=[{','.join(untrusted)}]'"
         )
     if differences := _differences(_recorded_config(folder), OmegaConf.to_container(cfg)):
@@ -390,29 +387,44 @@ def resume_config(folder: Path, compose: Callable[[list[str]], DictConfig], trus
 
 def targets(cfg: DictConfig) -> list[str]:
     """Every _target_ in a configuration, at any depth, as instantiate would read it."""
-    found: list[str] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if "_target_" in node:
-                found.append(str(node["_target_"]))
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
     try:
-        walk(OmegaConf.to_container(cfg, resolve=True))
+        return plain_targets(OmegaConf.to_container(cfg, resolve=True))
     except Exception as e:  # noqa: BLE001  an interpolation that does not resolve
-        raise InputError(f"the run's settings do not resolve: {str(e).splitlines()[0]}") from None
-    return found
+        raise InputError(f"the run's settings do not resolve: {first_line(e)}") from None
 
 
-def is_trusted(target: str) -> bool:
-    """A class of one of TRUSTED_MODULES, named directly (module.Class: no attribute of an attribute)."""
+def plain_targets(node: Any, skip: str | None = None) -> list[str]:
+    """Every _target_ in plain data (dicts and lists), at any depth, but under a key named `skip`."""
+    if isinstance(node, dict):
+        own = [str(node["_target_"])] if "_target_" in node else []
+        return own + [t for key, value in node.items() if key != skip for t in plain_targets(value, skip)]
+    if isinstance(node, list):
+        return [t for value in node for t in plain_targets(value, skip)]
+    return []
+
+
+def trusted_modules(conf_dir: Path = CONF_DIR) -> set[str]:
+    """The modules of the classes that conf/ names as _target_ for a run (Hydra's settings aside): what a
+    run folder, a sweep folder or a checkpoint may have built. Read again at every call, so a model
+    added to conf/ is trusted at once, and what conf/ does not name needs `trusted_targets=`."""
+    found: list[str] = []
+    for path in sorted(conf_dir.rglob("*.yaml")):
+        if "hydra" in path.relative_to(conf_dir).parts:
+            continue
+        try:
+            found += plain_targets(yaml.safe_load(path.read_text()), skip="hydra")
+        except (OSError, yaml.YAMLError) as e:  # a config of one's own that does not read
+            raise InputError(f"{path} does not read as YAML ({first_line(e)}): mend it") from None
+    return {target.rpartition(".")[0] for target in found}
+
+
+def is_trusted(target: str, modules: set[str] | None = None) -> bool:
+    """A class of one of `modules` (default: trusted_modules()), named directly (module.Class: no
+    attribute of an attribute)."""
     module, _, name = target.rpartition(".")
-    if module not in TRUSTED_MODULES or not name.isidentifier() or name.startswith("_"):
+    if modules is None:
+        modules = trusted_modules()
+    if module not in modules or not name.isidentifier() or name.startswith("_"):
         return False
     return isinstance(getattr(importlib.import_module(module), name, None), type)
 

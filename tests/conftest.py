@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST = 300, 100
+ARCHITECTURES = sorted(path.stem for path in (ROOT / "conf" / "model").glob("*.yaml"))  # every model=<name>
 
 
 def write_idx(folder: Path, split: str, n: int, seed: int) -> None:

@@ -13,7 +13,7 @@ from mnist_lab.errors import InputError
 from mnist_lab.app import SweepReport
 from mnist_lab.report import run_name, sweep_keys, write_report
 from mnist_lab.train import run
-from tests.conftest import ROOT, run_train, smoke_overrides
+from tests.conftest import ARCHITECTURES, ROOT, run_train, smoke_overrides
 
 
 def fake_job(sweep: Path, num: int, overrides: list[str], metrics: dict | None) -> None:
@@ -221,14 +221,20 @@ def test_optuna_sweep_composes_a_seeded_tpe_search_on_val_acc():
     assert set(sweeper.params) == {"optimizer.lr", "data.batch_size", "optimizer.weight_decay", "model.dropout"}
 
 
-@pytest.mark.parametrize("model", ["softmax", "mlp", "lenet"])
-def test_every_model_takes_the_optuna_search_space(model, make_cfg):
+@pytest.mark.parametrize("model", ARCHITECTURES)
+def test_every_model_takes_the_optuna_search_space_or_is_searched_without_what_it_lacks(model, make_cfg, caplog):
+    import torch
     from hydra.utils import instantiate
 
+    from hydra_plugins.mnist_lab_plugins.optuna_sweeper import takes
+
+    config = make_cfg(f"model={model}", "sweep=optuna")
+    assert takes(config, "optimizer.lr") and takes(config, "data.batch_size") and takes(config, "optimizer.weight_decay")
+    if "dropout" not in config.model:  # a model of one's own without it: the search leaves it out, saying so
+        assert not takes(config, "model.dropout") and "model.dropout is left out of this search" in caplog.text
+        return
     cfg = make_cfg(f"model={model}", "model.dropout=0.25", "optimizer.weight_decay=1e-4", "data.batch_size=32")
     net = instantiate(cfg.model, optimizer=cfg.optimizer, scheduler=cfg.scheduler, _recursive_=False, _convert_="all")
-    import torch
-
     assert [m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)][:1] == [0.25]
 
 
@@ -371,3 +377,15 @@ def test_report_shows_every_declared_key_even_one_all_jobs_share(tmp_path):
     fake_job(tmp_path, 1, ["optimizer.lr=0.1", "data.batch_size=64", "model=mlp"], ok(0.98, 0.97))
     write_report(tmp_path)
     assert list(rows(tmp_path)[0])[:3] == ["job", "data.batch_size", "optimizer.lr"]
+
+
+def test_a_search_key_the_model_lacks_is_left_out_with_one_line(caplog):
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.mnist_lab_plugins.optuna_sweeper import takes
+
+    config = OmegaConf.create({"model": {"width": 64}, "optimizer": {"lr": 0.1},
+                               "hydra": {"runtime": {"choices": {"model": "tiny"}}}})
+    assert takes(config, "optimizer.lr") and takes(config, "+model.extra")
+    assert not takes(config, "model.dropout")
+    assert caplog.messages == ["model.dropout is left out of this search: model=tiny takes no dropout"]

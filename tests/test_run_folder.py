@@ -20,8 +20,8 @@ from mnist_lab.callbacks import TrainingState
 from mnist_lab.checkpoint import read_checkpoint
 from mnist_lab.errors import InputError
 from mnist_lab.run_folder import (
-    TRUSTED_MODULES, check_resume_command, check_resumable, foreign_file, is_trusted, record_failed, resume_command,
-    resume_config,
+    check_resume_command, check_resumable, foreign_file, is_trusted, record_failed, resume_command, resume_config,
+    trusted_modules,
 )
 from tests.conftest import ROOT, run_train, smoke_overrides
 from tests.test_reliability import single_error
@@ -86,7 +86,20 @@ def conf_targets() -> set[str]:
 def test_trusted_modules_are_the_modules_conf_names():
     targets = conf_targets()
     assert all(is_trusted(t) for t in targets), [t for t in targets if not is_trusted(t)]
-    assert {t.rpartition(".")[0] for t in targets} == set(TRUSTED_MODULES)
+    assert {t.rpartition(".")[0] for t in targets} == trusted_modules()
+    assert "mnist_lab.app" not in trusted_modules()  # conf/train.yaml's Hydra callbacks are no run's to build
+
+
+def test_trust_follows_what_conf_names_when_asked(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(ROOT / "conf", conf)
+    assert not is_trusted("tests.callbacks.KillAtEpoch", trusted_modules(conf))
+    (conf / "callbacks" / "killer.yaml").write_text("_target_: tests.callbacks.KillAtEpoch\nepoch: 1\n")
+    assert is_trusted("tests.callbacks.KillAtEpoch", trusted_modules(conf))
+    assert not is_trusted("tests.callbacks.os", trusted_modules(conf))  # a module's classes only, never its imports
+    (conf / "model" / "broken.yaml").write_text("_target_: [unclosed\n")
+    with pytest.raises(InputError, match="broken.yaml does not read as YAML"):
+        trusted_modules(conf)
 
 
 @pytest.mark.parametrize("target", [

@@ -8,12 +8,13 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from mnist_lab.errors import InputError
-from mnist_lab.models import MLP, LeNet, SoftmaxRegression
-from mnist_lab.train import run
-from tests.conftest import ROOT, run_train, run_train_together, smoke_overrides
+from hydra.utils import get_class
 
-MODELS = {"softmax": SoftmaxRegression, "mlp": MLP, "lenet": LeNet}
+from mnist_lab.errors import InputError
+from mnist_lab.train import run
+from tests.conftest import ARCHITECTURES, ROOT, compose_train, run_train, run_train_together, smoke_overrides
+
+MODELS = {name: get_class(compose_train(f"model={name}").model._target_) for name in ARCHITECTURES}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_event_files_hold_the_scalars_and_hparams_with_metrics(name, smoke_runs)
     assert set(session.hparams) == {"model", "optimizer", "scheduler", "loss", "augment", "optimizer.lr", "data.dataset",
                                     "data.batch_size", "seed", "trainer.max_epochs"}
     assert session.hparams["model"].string_value == MODELS[name].__name__
-    assert session.hparams["augment"].string_value == "none"
+    assert session.hparams["augment"].string_value == ("RandomAffine" if name == "cnn" else "none")  # conf/model/cnn.yaml
     assert session.hparams["optimizer.lr"].number_value == 0.05
     assert session.hparams["data.batch_size"].number_value == 32
 

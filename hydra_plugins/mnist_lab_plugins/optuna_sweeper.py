@@ -33,6 +33,7 @@ from mnist_lab.errors import InputError
 from mnist_lab.run_folder import RERUN_FAILED, read_metrics, study_storage
 
 log = logging.getLogger(__name__)
+_ABSENT = object()
 
 
 class OptunaSweeper(Sweeper):
@@ -49,6 +50,7 @@ class OptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> None:
         space, fixed = search_space([f"{k}={v}" for k, v in self.params.items()] + list(arguments))
+        space = {key: values for key, values in space.items() if takes(self.config, key)}
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # as Hydra's sweeper: the same command goes on
@@ -115,6 +117,18 @@ def tell(study: optuna.Study, number: int, ret: JobReturn) -> bool:
         study.tell(number, state=TrialState.FAIL)
         return False
     return True
+
+
+def takes(config: DictConfig, key: str) -> bool:
+    """Whether the sweep's configuration has `key`; if not (sweep=optuna's model.dropout for a model
+    without dropout), one line says that the search leaves it out."""
+    if key.startswith(("+", "~", "hydra.")) or OmegaConf.select(config, key, default=_ABSENT) is not _ABSENT:
+        return True
+    group, _, option = key.partition(".")
+    choice = OmegaConf.select(config, f"hydra.runtime.choices.{group}")
+    owner = f"{group}={choice} takes no {option}" if choice else f"this configuration has no {key}"
+    log.warning("%s is left out of this search: %s", key, owner)
+    return False
 
 
 def search_space(overrides: list[str]) -> tuple[dict[str, BaseDistribution], list[str]]:

@@ -31,6 +31,10 @@ def activation_layer(name: str) -> nn.Module:
 class ImageClassifier(pl.LightningModule):
     """Trains `self.net`, built by a subclass, to map (N, 1, 28, 28) images to (N, num_classes) logits.
 
+    A subclass takes its own arguments and passes the rest on (`**kwargs` to `super().__init__`),
+    then builds `self.net` with `self.hparams.num_classes` outputs: its arguments and these land in
+    `self.hparams` together, and so in the checkpoint.
+
     `optimizer`, `scheduler` and `loss` are plain dicts with a `_target_` (Hydra's config groups
     hand them over as such), so hyperparameters stay plain data and checkpoints load with
     weights_only=True. `loss` (conf/loss/, cross-entropy when None) is the training loss, and
@@ -39,7 +43,7 @@ class ImageClassifier(pl.LightningModule):
 
     net: nn.Module
 
-    def __init__(self, optimizer: dict | None = None, scheduler: dict | None = None, num_classes: int = 10,
+    def __init__(self, *, optimizer: dict | None = None, scheduler: dict | None = None, num_classes: int = 10,
                  loss: dict | None = None) -> None:
         super().__init__()
         lr = (optimizer or {}).get("lr", 1)

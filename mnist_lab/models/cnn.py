@@ -1,4 +1,5 @@
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -18,12 +19,9 @@ class CNN(ImageClassifier):
         self,
         channels: Sequence[int] = (16, 32, 64),
         dropout: float = 0.1,
-        optimizer: dict | None = None,
-        scheduler: dict | None = None,
-        num_classes: int = 10,
-        loss: dict | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(optimizer, scheduler, num_classes, loss)
+        super().__init__(**kwargs)
         layers: list[nn.Module] = []
         width = 1
         for i, size in enumerate(channels):
@@ -32,4 +30,5 @@ class CNN(ImageClassifier):
                 layers.append(nn.MaxPool2d(2))  # (N, C, 28, 28) -> (N, C, 14, 14) -> (N, C, 7, 7)
             width = size
         # (N, width, 7, 7) -> (N, width) -> (N, num_classes)
-        self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                                 nn.Linear(width, self.hparams.num_classes))

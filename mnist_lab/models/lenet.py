@@ -1,3 +1,5 @@
+from typing import Any
+
 from torch import nn
 
 from mnist_lab.models.base import ImageClassifier, activation_layer
@@ -14,18 +16,15 @@ class LeNet(ImageClassifier):
         self,
         activation: str = "ReLU",
         dropout: float = 0.0,
-        optimizer: dict | None = None,
-        scheduler: dict | None = None,
-        num_classes: int = 10,
-        loss: dict | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(optimizer, scheduler, num_classes, loss)
+        super().__init__(**kwargs)
         self.net = nn.Sequential(
             nn.Conv2d(1, 6, 5, padding=2), activation_layer(activation), nn.MaxPool2d(2),  # (N, 1, 28, 28) -> (N, 6, 14, 14)
             nn.Conv2d(6, 16, 5), activation_layer(activation), nn.MaxPool2d(2),  # -> (N, 16, 5, 5)
             nn.Flatten(),  # -> (N, 400)
             nn.Linear(16 * 5 * 5, 120), activation_layer(activation),
             nn.Dropout(dropout), nn.Linear(120, 84), activation_layer(activation),
-            nn.Dropout(dropout), nn.Linear(84, num_classes),
+            nn.Dropout(dropout), nn.Linear(84, self.hparams.num_classes),
         )  # fmt: skip
 

@@ -1,4 +1,5 @@
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -13,16 +14,13 @@ class MLP(ImageClassifier):
         hidden_sizes: Sequence[int] = (512, 256),
         activation: str = "ReLU",
         dropout: float = 0.2,
-        optimizer: dict | None = None,
-        scheduler: dict | None = None,
-        num_classes: int = 10,
-        loss: dict | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(optimizer, scheduler, num_classes, loss)
+        super().__init__(**kwargs)
         layers: list[nn.Module] = [nn.Flatten()]  # (N, 1, 28, 28) -> (N, 784)
         width = 28 * 28
         for size in hidden_sizes:
             layers += [nn.Linear(width, size), activation_layer(activation), nn.Dropout(dropout)]
             width = size
-        self.net = nn.Sequential(*layers, nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers, nn.Linear(width, self.hparams.num_classes))
 

@@ -1,3 +1,5 @@
+from typing import Any
+
 from torch import nn
 
 from mnist_lab.models.base import ImageClassifier
@@ -10,10 +12,7 @@ class SoftmaxRegression(ImageClassifier):
     model; with it every architecture takes model.dropout, so one search space fits them all.
     """
 
-    def __init__(
-        self, dropout: float = 0.0, optimizer: dict | None = None, scheduler: dict | None = None, num_classes: int = 10,
-        loss: dict | None = None,
-    ) -> None:
-        super().__init__(optimizer, scheduler, num_classes, loss)
+    def __init__(self, dropout: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         # (N, 1, 28, 28) -> (N, 784) -> (N, C)
-        self.net = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(28 * 28, num_classes))
+        self.net = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(28 * 28, self.hparams.num_classes))
