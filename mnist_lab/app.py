@@ -32,6 +32,9 @@ from mnist_lab.run_folder import (
 from mnist_lab.train import run
 
 log = logging.getLogger(__name__)
+# What this process started, for mnist_lab.fit and mnist_lab.sweep to hand back (in the order started).
+runs_started: list[Path] = []
+sweep_started: Path | None = None
 OPTUNA_SWEEPER = "hydra_plugins.mnist_lab_plugins.optuna_sweeper.OptunaSweeper"  # conf/hydra/sweeper/optuna.yaml
 
 
@@ -42,6 +45,7 @@ def job(cfg: DictConfig) -> float:
     if threads := threads_per_job(hydra_cfg):
         torch.set_num_threads(threads)
     out_dir = Path(hydra_cfg.runtime.output_dir)
+    runs_started.append(out_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     overrides = list(hydra_cfg.overrides.task)
     if multirun and (gpus := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
@@ -167,7 +171,8 @@ class SweepReport(Callback):
     summary and a non-zero exit."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
+        global sweep_started
+        sweep_dir = sweep_started = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / SWEEP_FILE).write_text(json.dumps({"swept": sweep_keys(config)}, indent=2) + "\n")
 

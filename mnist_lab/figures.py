@@ -62,21 +62,50 @@ def most_confident(mistakes: Mistakes, count: int) -> Mistakes:
 
 
 def plot_curves(run_dir: Path, log_dir: Path | None = None) -> Path:
-    """run_dir/curves.png from the event files in log_dir (default run_dir): training loss,
-    validation loss and validation accuracy."""
-    events = EventAccumulator(str(log_dir or run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    tags = events.Tags()["scalars"]
+    """run_dir/curves.png from the event files in log_dir (default run_dir)."""
+    path = run_dir / "curves.png"
+    curves_figure(log_dir or run_dir).savefig(path, dpi=100)
+    return path
+
+
+def curves_figure(log_dir: Path) -> Figure:
+    """Training loss, validation loss and validation accuracy over the steps, from the event files in log_dir."""
+    scalars = read_scalars(log_dir)
     panels = [("train/loss", "training loss"), ("val/loss", "validation loss"), ("val/acc", "validation accuracy")]
     fig = Figure(figsize=(13, 3.6))
     axes = fig.subplots(1, 3)
     for ax, (tag, title) in zip(axes, panels):
-        if tag in tags:
-            points = events.Scalars(tag)
-            ax.plot([p.step for p in points], [p.value for p in points], marker="." if len(points) < 50 else None)
+        if points := scalars.get(tag):
+            ax.plot([step for step, _ in points], [value for _, value in points], marker="." if len(points) < 50 else None)
         ax.set(title=title, xlabel="step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = run_dir / "curves.png"
-    fig.savefig(path, dpi=100)
-    return path
+    return fig
+
+
+def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in the event files of log_dir, as (step, value) pairs in order (a
+    resumed run's steps after its checkpoint are the resumed process's)."""
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(p.step, p.value) for p in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def epoch_history(log_dir: Path, epoch_seconds: list[float]) -> list[dict[str, float | int | None]]:
+    """One dict per validated epoch: epoch (from 1), train/loss (the mean of the values logged in
+    the epoch), val/loss, val/acc, lr (the last of the epoch) and seconds (`epoch_seconds`, the
+    run's training time per epoch, where known)."""
+    scalars = read_scalars(log_dir)
+    history, start = [], -1
+    # Lightning logs an epoch's validation at the step of its last training step.
+    for epoch, (end, acc) in enumerate(scalars.get("val/acc", [])):
+        losses = [value for step, value in scalars.get("train/loss", []) if start < step <= end]
+        val_loss = next((value for step, value in scalars.get("val/loss", []) if step == end), None)
+        lrs = [value for step, value in scalars.get("train/lr", []) if step <= end]
+        history.append({
+            "epoch": epoch + 1, "train/loss": sum(losses) / len(losses) if losses else None, "val/loss": val_loss,
+            "val/acc": acc, "lr": lrs[-1] if lrs else None,
+            "seconds": epoch_seconds[epoch] if epoch < len(epoch_seconds) else None,
+        })
+        start = end
+    return history

@@ -89,6 +89,32 @@ def load_image(source: Path | bytes) -> torch.Tensor:
         raise InputError(f"cannot read it as an image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
+def as_mnist_batch(images: Any) -> torch.Tensor:
+    """(N, 1, 28, 28) MNIST-style pixels (0-255) of a file path, a PIL image, a tensor of MNIST's
+    own pixels ((28, 28), (N, 28, 28) or (N, 1, 28, 28); 0-255, or floats in 0-1), or a list of those."""
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise InputError("no images given: pass a path, a PIL image, a tensor, or a list of them")
+        return torch.cat([as_mnist_batch(image) for image in images])
+    if isinstance(images, (str, Path)):
+        try:
+            return load_image(Path(images)).unsqueeze(0)
+        except InputError as e:
+            raise InputError(f"{images}: {e}") from None
+    if isinstance(images, Image.Image):
+        return to_mnist(images).unsqueeze(0)
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if not isinstance(images, torch.Tensor) or images.shape[-2:] != (FIELD, FIELD) or images.dim() > 4 \
+            or (images.dim() == 4 and images.shape[1] != 1):
+        raise InputError(f"cannot classify {type(images).__name__} {tuple(getattr(images, 'shape', ()))}: pass a path, "
+                         "a PIL image, or a tensor of 28 x 28 pixels shaped (28, 28), (N, 28, 28) or (N, 1, 28, 28)")
+    pixels = images.detach().cpu().float().reshape(-1, 1, FIELD, FIELD)
+    if not torch.isfinite(pixels).all():
+        raise InputError("the images hold NaN or infinite pixels: pass pixels from 0 to 255 (or 0 to 1)")
+    return pixels * 255 if images.is_floating_point() and pixels.max() <= 1 else pixels
+
+
 def require(module: str):
     """An optional dependency of ONNX export and inference, or a one-line InputError."""
     try:

@@ -6,7 +6,8 @@ A run folder holds .hydra/ (config.yaml, overrides.yaml), checkpoints/ (last.ckp
 metrics.json, the TensorBoard event files, curves.png and train.log. metrics.json's status:
   ok           finished and tested: final
   interrupted  stopped by a signal, with `resume` saying how to go on
-  failed       stopped by an error, with `error`; `resumable` false only when the run diverged
+  failed       stopped by an error, with `error`; `resumable` false when the run diverged, or when its
+               settings were refused before it had a checkpoint (`refused`: start over, corrected)
 A run killed outright leaves no metrics.json: its last.ckpt says where it got to.
 """
 
@@ -93,6 +94,13 @@ def claim(folder: Path) -> None:
     _held_locks.append(lock)
 
 
+def release_locks() -> None:
+    """Unlock every folder this process claimed: its runs are over (mnist_lab.fit's next call may
+    go on in the same folder)."""
+    while _held_locks:
+        _held_locks.pop().close()
+
+
 def foreign_file(folder: Path, sweep: bool = False) -> Path | None:
     """A file or folder in `folder` that mnist_lab did not write there, if any. Ours are marked by
     the lock (or, for a sweep's job, Hydra's .hydra/hydra.yaml), and hold only what mnist_lab
@@ -150,13 +158,17 @@ def record_interrupted(folder: Path, signal_name: str, step: int) -> None:
 
 def record_failed(folder: Path, error: BaseException) -> str | None:
     """Mark the run failed, keeping the metrics it already wrote; return the command that resumes
-    it, if it can go on: only a run that diverged cannot (a full disk, a lost GPU or a bug fixed
-    later are not its own fault), and only from a checkpoint."""
-    resumable = not isinstance(error, Diverged)
-    lines = str(error).strip().splitlines()
+    it, if it can go on: not a run that diverged, nor one whose configuration was refused before
+    it had a checkpoint (`refused`: resuming would repeat the error), but a full disk, a lost GPU
+    or a bug fixed later are not the run's own fault, and it goes on from its checkpoint."""
+    checkpoint = resume_checkpoint(folder, quiet=True)
+    refused = isinstance(error, InputError) and not isinstance(error, Diverged) and checkpoint is None
+    resumable = not isinstance(error, Diverged) and not refused
     metrics = {k: v for k, v in read_metrics(folder).items() if k not in ("signal", "resume")}
-    metrics.update(status="failed", error=f"{type(error).__name__}: {lines[0] if lines else ''}", resumable=resumable)
-    if resumable and resume_checkpoint(folder, quiet=True) is not None:
+    metrics.update(status="failed", error=f"{type(error).__name__}: {first_line(error)}", resumable=resumable)
+    if refused:
+        metrics["refused"] = True
+    if resumable and checkpoint is not None:
         metrics["resume"] = resume_command(folder)
     try:
         _write_metrics(folder, metrics)
@@ -220,6 +232,9 @@ def check_resumable(folder: Path) -> Path:
     metrics = read_metrics(folder)
     if metrics.get("status") == "ok":
         raise InputError(f"resume={folder}: that run finished already ({folder / METRICS_FILE}): nothing to resume")
+    if metrics.get("refused"):
+        raise InputError(f"resume={folder}: that run's settings were refused before it trained ({metrics.get('error')}): "
+                         "start a new run with a corrected value instead")
     if metrics.get("status") == "failed" and metrics.get("resumable") is False:
         raise InputError(f"resume={folder}: that run cannot go on ({metrics.get('error')}); start over in a new folder "
                          f"with: {start_over_command(folder)}")
@@ -364,7 +379,7 @@ def resume_config(folder: Path, compose: Callable[[list[str]], DictConfig], trus
                   ) -> tuple[DictConfig, list[str]]:
     """The configuration of the run in `folder`, rebuilt by `compose` from conf/ and the overrides it
     was started with, and those overrides. Its .hydra/ is data, never code: a _target_ outside
-    TRUSTED_MODULES is refused unless `trusted` names it."""
+    a module that conf/ does not name is refused unless `trusted` names it."""
     overrides = _recorded_overrides(folder)
     try:
         cfg = compose(overrides)

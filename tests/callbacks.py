@@ -36,3 +36,12 @@ class MeetAtFirstEpoch(pl.Callback):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"alone at the first epoch: {len(list(folder.iterdir()))} of {count} jobs met")
             time.sleep(0.1)
+
+
+class InterruptAtEpoch(pl.Callback):
+    """Sends its own process SIGINT, as Ctrl-C or a Jupyter kernel interrupt does, as epoch
+    $MNIST_LAB_TEST_INTERRUPT_AT_EPOCH starts, when that is set."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if str(trainer.current_epoch) == os.environ.get("MNIST_LAB_TEST_INTERRUPT_AT_EPOCH"):
+            os.kill(os.getpid(), signal.SIGINT)

@@ -59,6 +59,8 @@ def test_fixed_cost_times_the_phases_of_a_one_batch_run(real_data_dir):
     for phase in ("imports", "data: read and split", "sanity validation", "validation", "training (one batch)",
                   "checkpoints", "test loop", "test figures", "curves.png", "HPARAMS", "process exit"):
         assert phase in out, phase
+    warm = out.split("a second one-batch mnist_lab.fit in a warm process: ")[1]
+    assert "beyond it (target <= 1.0 s)" in warm and "training (one batch)" in warm and "everything else" in warm
 
 
 def smoke_data(data_dir) -> list[str]:
