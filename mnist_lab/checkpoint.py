@@ -53,8 +53,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     cls = _model_class(path, checkpoint)
     # The loss is built with the model: a file may name only classes of mnist_lab's own config groups.
     if untrusted := [t for t in targets(OmegaConf.create(checkpoint["hyper_parameters"])) if not is_trusted(t)]:
-        raise InputError(f"{path} names {untrusted[0]} in its hyperparameters, a class from a module that no config in conf/ names: "
-                         f"{HINT}")
+        raise InputError(f"{path} names {untrusted[0]} in its hyperparameters, a class from a module that no config in "
+                         f"conf/ names: {HINT}")
     weights = checkpoint["state_dict"]
     held = sum(s.nbytes() for s in {id(t.untyped_storage()): t.untyped_storage() for t in weights.values()
                                     if isinstance(t, torch.Tensor)}.values())

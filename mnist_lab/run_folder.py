@@ -369,8 +369,9 @@ def resumed_sweep_argv(argv: Sequence[str]) -> list[str]:
         named += [t for v in values if isinstance(v, (dict, list)) for t in targets(OmegaConf.create(v))]
         if untrusted := [t for t in named if t not in trusted and not is_trusted(t, modules)]:
             raise InputError(
-                f"resume={folder}: its command names {untrusted[0]} as a _target_, a class from a module that no config in conf/ "
-                f"names, and a sweep folder may come from anyone. If you started this sweep with it, resume with: python train.py resume={shlex.quote(str(folder))} 'trusted_targets=[{','.join(untrusted)}]'")
+                f"resume={folder}: its command names {untrusted[0]} as a _target_, a class from a module that no "
+                f"config in conf/ names, and a sweep folder may come from anyone. If you started this sweep with it, "
+                f"resume with: python train.py resume={shlex.quote(str(folder))} 'trusted_targets=[{','.join(untrusted)}]'")
     return ["-m", *hydra, *task, *(a for a in rest if a.startswith(f"{RERUN_FAILED}=")),
             f"hydra.sweep.dir={folder}"]
 
@@ -389,8 +390,8 @@ def resume_config(folder: Path, compose: Callable[[list[str]], DictConfig], trus
     modules = trusted_modules()
     if untrusted := [t for t in targets(cfg) if t not in trusted and not is_trusted(t, modules)]:
         raise InputError(
-            f"resume={folder}: its settings name {untrusted[0]} as a _target_, a class from a module that no config in conf/ names, "
-            f"and a run folder may come from anyone. If you started this run with it, resume with: "
+            f"resume={folder}: its settings name {untrusted[0]} as a _target_, a class from a module that no config "
+            f"in conf/ names, and a run folder may come from anyone. If you started this run with it, resume with: "
             f"{resume_command(folder)} 'trusted_targets=[{','.join(untrusted)}]'"
         )
     if differences := _differences(_recorded_config(folder), OmegaConf.to_container(cfg)):
