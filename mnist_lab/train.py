@@ -48,8 +48,9 @@ def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swe
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, model = build(cfg)
     best, timer, state = best_checkpoint(cfg, out_dir), EpochTimer(), TrainingState(out_dir / LAST_CHECKPOINT)
-    callbacks = [c for key in cfg.callbacks if key != "checkpoint" and (c := build_callback(cfg, key)) is not None]
-    callbacks += [*extra_callbacks, best, timer, state]
+    configured = [c for key in cfg.callbacks if key != "checkpoint" and (c := build_callback(cfg, key)) is not None]
+    # The timer first: it has recorded the epoch's time when the epoch line (callbacks.epoch_log) reads it.
+    callbacks = [timer, *configured, *extra_callbacks, best, state]
     skip_idle_step_hooks(callbacks)
     logger_kwargs = logger_run(out_dir, swept, overrides, resume_from, model)
     trainer = build_trainer(cfg, out_dir, logger_kwargs, callbacks)

@@ -1,4 +1,9 @@
+import contextlib
+import csv
+import io
 import json
+import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +81,49 @@ def test_event_files_hold_the_scalars_and_hparams_with_metrics(name, smoke_runs)
     assert session.hparams["data.batch_size"].number_value == 32
 
 
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def logged_run(synthetic_dir, tmp_path_factory):
+    """A smoke run of softmax regression with logger=csv beside TensorBoard: (run folder, metrics,
+    mnist_lab's log messages, the console output besides them)."""
+    out_dir, records, console = tmp_path_factory.mktemp("logged"), Records(), io.StringIO()
+    package = logging.getLogger("mnist_lab")
+    package.addHandler(records)
+    level = package.level
+    package.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(console):  # the rich model summary prints to stdout
+            metrics = run(compose_train(*smoke_overrides(synthetic_dir, "model=softmax", "logger=csv")), out_dir)
+    finally:
+        package.removeHandler(records)
+        package.setLevel(level)
+    return out_dir, metrics, records.messages, console.getvalue()
+
+
+def test_each_epoch_logs_a_line_of_what_was_logged(logged_run):
+    out_dir, metrics, messages, _ = logged_run
+    accumulator = events(out_dir)
+    lines = [m for m in messages if m.startswith("Epoch ")]  # none for the sanity check
+    assert [line.split(":")[0] for line in lines] == ["Epoch 1/2", "Epoch 2/2"]
+    train_loss = [s.value for s in accumulator.Scalars("train/loss")]  # every step: log_every_n_steps=1
+    for epoch, line in enumerate(lines):
+        numbers = dict(re.findall(r"(train/loss|val/loss|val/acc) ([\d.]+)", line))
+        assert float(numbers["train/loss"]) == pytest.approx(sum(train_loss[3 * epoch: 3 * epoch + 3]) / 3, abs=1e-4)
+        assert numbers["val/acc"] == f"{100 * accumulator.Scalars('val/acc')[epoch].value:.2f}"
+        assert float(numbers["val/loss"]) == pytest.approx(accumulator.Scalars("val/loss")[epoch].value, abs=1e-4)
+        # EpochTimer's seconds, as metrics.json has them (rounded to the millisecond there)
+        assert float(line.split()[-2]) == pytest.approx(metrics["epoch_train_time_s"][epoch], abs=0.051)
+    assert "2 epochs," in messages[-1]
+
+
 def test_hparams_have_the_same_keys_across_a_sweep(make_cfg):
     from mnist_lab.hparams import hparams_of
 
@@ -141,7 +189,10 @@ def test_train_py_end_to_end(synthetic_dir, tmp_path):
     assert f"Test accuracy: {100 * metrics['test/acc']:.2f}%" in output
     assert "tensorboard --logdir" in output
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / ".hydra" / "overrides.yaml").exists()
-    assert "Test accuracy" in (run_dir / "train.log").read_text()
+    log = (run_dir / "train.log").read_text()
+    assert "Test accuracy" in log
+    epochs = [line.split(" - ", 1)[1].split(":")[0] for line in log.splitlines() if "][INFO] - Epoch " in line]
+    assert epochs == ["Epoch 1/2", "Epoch 2/2"]  # one line per epoch, none for the sanity check
 
 
 BAD_INPUT = [
