@@ -33,6 +33,10 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 # On a machine with SLURM installed, Lightning advises prepending srun to every command; here a
 # sweep goes to SLURM through hydra/launcher=slurm, whose jobs do run under srun.
 warnings.filterwarnings("ignore", ".*The `srun` command is available on your system but is not used.*")
+# Lightning 2.6's pytree helper (pytorch_lightning/utilities/_pytree.py) builds torch's LeafSpec,
+# which torch 2.14 deprecates, in every fit: Lightning's to change, nothing a user can act on.
+warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning,
+                        "pytorch_lightning.utilities._pytree")
 
 
 def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swept: Sequence[str] = (),
@@ -133,8 +137,9 @@ def finish(cfg: DictConfig, out_dir: Path, loggers: Sequence[pl.loggers.Logger],
     finish_loggers(loggers, params, [out_dir / "curves.png", out_dir / METRICS_FILE])
     logdir = "outputs" if out_dir.resolve().is_relative_to(Path("outputs").resolve()) else out_dir
     log.info(
-        "Run folder: %s\nTest accuracy: %.2f%% (best val/acc %.2f%%, %d epochs, %.1f s)\nTensorBoard: tensorboard --logdir %s",
-        out_dir, 100 * metrics["test/acc"], 100 * metrics["val/acc"], metrics["epochs"], metrics["fit_time_s"], logdir,
+        "Run folder: %s\nTest accuracy: %.2f%% (best val/acc %.2f%%, %d epoch%s, %.1f s)\nTensorBoard: tensorboard --logdir %s",
+        out_dir, 100 * metrics["test/acc"], 100 * metrics["val/acc"], metrics["epochs"], "" if metrics["epochs"] == 1 else "s",
+        metrics["fit_time_s"], logdir,
     )
 
 

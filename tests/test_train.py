@@ -124,6 +124,21 @@ def test_each_epoch_logs_a_line_of_what_was_logged(logged_run):
     assert "2 epochs," in messages[-1]
 
 
+def test_the_model_summary_shows_the_layers_alone(logged_run):
+    console = logged_run[3]
+    assert all(f" {name} " in console for name in ("net", "net.0", "net.1", "net.2", "Linear"))  # max_depth: 2
+    assert not any(name in console for name in ("FLOPs", "criterion", "val_acc", "test_loss", "MeanMetric"))
+    assert "Params: 7.9 K trainable, 0 non-trainable" in console
+
+
+def test_one_epoch_is_one_epoch(synthetic_dir, make_cfg, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="mnist_lab")
+    run(make_cfg(*smoke_overrides(synthetic_dir, "model=softmax", "trainer.max_epochs=1")), tmp_path)
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m.split(":")[0] for m in messages if m.startswith("Epoch ")] == ["Epoch 1/1"]
+    assert "1 epoch," in messages[-1]
+
+
 def test_hparams_have_the_same_keys_across_a_sweep(make_cfg):
     from mnist_lab.hparams import hparams_of
 
@@ -190,9 +205,10 @@ def test_train_py_end_to_end(synthetic_dir, tmp_path):
     assert "tensorboard --logdir" in output
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / ".hydra" / "overrides.yaml").exists()
     log = (run_dir / "train.log").read_text()
-    assert "Test accuracy" in log
+    assert "Test accuracy" in log and "(best val/acc" in log and "2 epochs," in log
     epochs = [line.split(" - ", 1)[1].split(":")[0] for line in log.splitlines() if "][INFO] - Epoch " in line]
     assert epochs == ["Epoch 1/2", "Epoch 2/2"]  # one line per epoch, none for the sanity check
+    assert "LeafSpec" not in result.stderr, result.stderr  # Lightning's deprecation warning, filtered
 
 
 BAD_INPUT = [
