@@ -131,6 +131,14 @@ def test_the_model_summary_shows_the_layers_alone(logged_run):
     assert "Params: 7.9 K trainable, 0 non-trainable" in console
 
 
+def test_tensorboard_leaves_out_lightnings_epoch_scalar(logged_run):
+    out_dir = logged_run[0]
+    # The one tag outside a train/, val/ or test/ section would be the SCALARS page's first chart.
+    assert {tag.split("/")[0] for tag in events(out_dir).Tags()["scalars"]} == {"train", "val", "test"}
+    with open(out_dir / "csv" / "metrics.csv", newline="") as f:
+        assert "epoch" in next(csv.reader(f))  # CSV keeps Lightning's column
+
+
 def test_one_epoch_is_one_epoch(synthetic_dir, make_cfg, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="mnist_lab")
     run(make_cfg(*smoke_overrides(synthetic_dir, "model=softmax", "trainer.max_epochs=1")), tmp_path)
