@@ -42,7 +42,8 @@ warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprec
 def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swept: Sequence[str] = (),
         resume_from: str | Path | None = None, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
     """Train and test one configuration in out_dir and return its metrics. `overrides` (the command
-    line's) join the HPARAMS tab; `swept` (a sweep's keys) name the TensorBoard run; `resume_from`,
+    line's) join the HPARAMS tab where they can change the results (mnist_lab.hparams.hparams_of);
+    `swept` (a sweep's keys) name the TensorBoard run and get HPARAMS' ticked columns; `resume_from`,
     a checkpoint of this run, continues it; `extra_callbacks` join the configured ones (a sweeper's).
     A signal raises Interrupted after saving a checkpoint."""
     out_dir = Path(out_dir)
@@ -129,7 +130,7 @@ def finish(cfg: DictConfig, out_dir: Path, loggers: Sequence[pl.loggers.Logger],
            overrides: Sequence[str], swept: Sequence[str]) -> None:
     """The run's last files: HPARAMS with the final metrics, curves.png, metrics.json, the same to
     the other loggers; a summary."""
-    params = hparams_of(cfg, overrides)
+    params = hparams_of(cfg, overrides, swept)
     if loggers and isinstance(loggers[0], TensorBoardLogger):
         log_hparams(loggers[0], params, swept)
         plot_curves(out_dir, Path(loggers[0].log_dir))

@@ -157,6 +157,52 @@ def test_hparams_have_the_same_keys_across_a_sweep(make_cfg):
     assert (params[1]["model"], params[1]["optimizer"], params[1]["model.dropout"]) == ("MLP", "Adam", 0.3)
 
 
+FIXED = {"model", "optimizer", "scheduler", "loss", "augment", "optimizer.lr", "data.dataset", "data.batch_size", "seed",
+         "trainer.max_epochs"}
+
+
+def test_bookkeeping_overrides_stay_out_of_hparams(synthetic_dir, make_cfg):
+    from mnist_lab.hparams import hparams_of
+
+    overrides = smoke_overrides(synthetic_dir, "model.dropout=0.2", "callbacks.test_figures.samples=8", "logger=csv",
+                                "compile=false", "trusted_targets=[]")
+    params = hparams_of(make_cfg(*overrides), [*overrides, "hydra.run.dir=/tmp/run", "resume=/tmp/run"])
+    # data.download, data.data_dir, data.verify_checksums, trainer.log_every_n_steps, the progress bar... are out
+    assert set(params) == FIXED | {"model.dropout", "data.val_size", "data.eval_batch_size", "trainer.limit_train_batches"}
+    assert (params["model.dropout"], params["trainer.limit_train_batches"]) == (0.2, 3)
+    swept = hparams_of(make_cfg("data.num_workers=0"), ["data.num_workers=0"], swept=["data.num_workers"])
+    assert swept["data.num_workers"] == 0  # a swept key always joins: it names the run
+
+
+def tensorboard_ticks(run_dir: Path) -> list[str]:
+    """The hyperparameter columns TensorBoard's HPARAMS tab shows before any is ticked: its backend
+    sorts the experiment's hparam_infos (backend_context._sort_and_reduce_to_hparams_limit, with the
+    dashboard's hparamsLimit of 1000) and its dashboard ticks the first five. Fails loudly if
+    TensorBoard renames that function."""
+    from tensorboard.plugins.hparams.backend_context import _sort_and_reduce_to_hparams_limit
+
+    content = events(run_dir).PluginTagToContent("hparams")["_hparams_/experiment"]
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content).experiment
+    _sort_and_reduce_to_hparams_limit(experiment, 1000)
+    return [info.name for info in experiment.hparam_infos][:5]
+
+
+@pytest.mark.parametrize("swept, shown", [
+    ((), ["data.batch_size", "loss", "model", "optimizer", "optimizer.lr"]),
+    (("optimizer.lr", "data.split_seed"), ["data.batch_size", "data.split_seed", "model", "optimizer", "optimizer.lr"]),
+    (("model",), ["data.batch_size", "loss", "model", "optimizer", "optimizer.lr"]),
+])
+def test_hparams_ticks_the_swept_keys_then_the_compared_ones(swept, shown, make_cfg, tmp_path):
+    from mnist_lab.hparams import hparams_of, log_hparams
+    from mnist_lab.loggers import TensorBoard
+
+    overrides = ["data.download=false", "model.dropout=0.1", *(f"{key}=1" for key in swept if key != "model")]
+    cfg = make_cfg(*overrides)
+    logger = TensorBoard(save_dir=str(tmp_path), name="", version="")
+    log_hparams(logger, hparams_of(cfg, overrides, swept), swept)
+    assert tensorboard_ticks(tmp_path) == shown  # TensorBoard orders them by name
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_best_checkpoint_loads_safely(name, smoke_runs):
     out_dir, metrics = smoke_runs[name]
