@@ -1,7 +1,8 @@
-"""mnist_lab's Lightning callbacks (progress bar, epoch timer, test figures, the state a stopped
-run resumes from, and stopping on a signal), and the rule that keeps the training step free of callbacks that
-have nothing to do on it."""
+"""mnist_lab's Lightning callbacks (progress bar, model summary, epoch timer and epoch line, test
+figures, the state a stopped run resumes from, and stopping on a signal), and the rule that
+keeps the training step free of callbacks that have nothing to do on it."""
 
+import logging
 import os
 import signal
 import time
@@ -12,13 +13,17 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint, RichModelSummary, TQDMProgressBar
 from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.utilities.model_summary import get_formatted_model_size, get_human_readable_count
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from mnist_lab.errors import InputError
 from mnist_lab.figures import Mistakes, confusion_figure, digit_grid, mistakes_figure, most_confident
 from mnist_lab.loggers import log_figure
+from mnist_lab.models.base import HostLosses
+
+log = logging.getLogger(__name__)
 
 # The callback hooks Lightning calls on every training step, for every callback.
 STEP_HOOKS = (
@@ -61,13 +66,56 @@ def restore_hooks(callback: pl.Callback, hooks: Iterable[str]) -> None:
 
 
 class ProgressBar(TQDMProgressBar):
-    """Lightning's tqdm bar without `v_num`, which shows the last four characters of the logger's
-    version: a fragment of the run name here ("v_num==0.4"), not a number."""
+    """Lightning's tqdm bar with the training loss last read on the host (no extra device read: see
+    ImageClassifier._check_and_log), and without `v_num`, which shows the last four characters of
+    the logger's version: a fragment of the run name here ("v_num==0.4"), not a number."""
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
+        losses = getattr(pl_module, "losses", None)
+        if isinstance(losses, HostLosses) and losses.last is not None:
+            metrics["loss"] = losses.last
         return metrics
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        before = self.train_progress_bar
+        super().on_train_epoch_start(trainer, *args)
+        if before is not self.train_progress_bar and not before.disable:  # leave=True: a bar per epoch
+            before.leave = False  # on_train_start's bar, never used: cleared rather than left as "Training: 0/?"
+            before.close()
+        # Counted from 1, as the epoch line is (Lightning's counts from 0); this redraws the bar too.
+        self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
+
+class NetSummary(RichModelSummary):
+    """Lightning's rich model summary of the model's layers alone: `net` and, to `max_depth`, what
+    is inside it. Lightning's also lists the metrics and the loss (modules without weights), and
+    FLOPs, which it counts only for a model with an `example_input_array`: 0 everywhere here.
+
+    `summarize` is the public method that Lightning's callbacks override to draw the summary; the
+    columns it is given are the ones Lightning's summary has (tests/test_train.py reads this table)."""
+
+    @staticmethod
+    def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
+                  model_size: float, total_training_modes: dict[str, int], total_flops: int,
+                  **summarize_kwargs: Any) -> None:
+        from rich import get_console
+        from rich.table import Table
+
+        columns = dict(summary_data)  # column name -> a value per row
+        rows = [i for i, name in enumerate(columns["Name"]) if name == "net" or name.startswith("net.")]
+        shown = [name for name in columns if name not in (" ", "FLOPs")]  # the row numbers, FLOPs
+        table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
+        for name in shown:
+            table.add_column(name, justify="right" if name == "Params" else "left", no_wrap=name == "Name")
+        for i in rows:
+            table.add_row(*(columns[name][i] for name in shown))
+        console = get_console()
+        console.print(table)
+        count = lambda n: get_human_readable_count(n).strip()  # noqa: E731  "0  " for 0
+        console.print(f"Params: {count(trainable_parameters)} trainable, "
+                      f"{count(total_parameters - trainable_parameters)} non-trainable, {get_formatted_model_size(model_size)} MB")
 
 
 class EpochTimer(pl.Callback):
@@ -100,6 +148,11 @@ class EpochTimer(pl.Callback):
         self._in_epoch = False
 
     @property
+    def epoch_time(self) -> float:
+        """Seconds of training in the current epoch, validation excluded; once it has ended, its total."""
+        return self._epoch_time if self._in_epoch or not self.epoch_times else self.epoch_times[-1]
+
+    @property
     def _epoch_time(self) -> float:
         return time.perf_counter() - self._start - self._in_validation
 
@@ -115,6 +168,42 @@ class EpochTimer(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epoch_times, self.earlier_fit_time = list(state_dict["epoch_times"]), state_dict["fit_time"]
         self._earlier_epoch_time = state_dict.get("epoch_time", 0.0)  # checkpoints from before it was kept
+
+
+class EpochLog(pl.Callback):
+    """One line per training epoch, to the console and train.log, of what is computed already:
+    `Epoch 2/5: train/loss 0.1523  val/loss 0.0871  val/acc 97.42%  11.8 s`. The training loss is
+    the mean of the values the model read on the host (HostLosses): a run resumed in the middle of
+    an epoch reports the steps since it resumed, and DDP the first process's steps. The seconds are
+    EpochTimer's. A value missing from an epoch (no validation in it) is left out of its line."""
+
+    def __init__(self) -> None:
+        self._val: dict[str, float] = {}
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:  # the sanity check's two batches say nothing of this epoch
+            metrics = trainer.callback_metrics
+            self._val = {key: float(metrics[key]) for key in ("val/loss", "val/acc") if key in metrics}
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        losses = getattr(pl_module, "losses", None)
+        timer = next((c for c in trainer.callbacks if isinstance(c, EpochTimer)), None)
+        if trainer.is_global_zero:
+            log.info(epoch_line(trainer.current_epoch + 1, trainer.max_epochs,
+                                losses.mean if isinstance(losses, HostLosses) else None, self._val,
+                                timer.epoch_time if timer else None))
+        self._val = {}
+
+
+def epoch_line(epoch: int, epochs: int | None, train_loss: float | None, val: dict[str, float],
+               seconds: float | None) -> str:
+    """`Epoch 2/5: train/loss 0.1523  val/loss 0.0871  val/acc 97.42%  11.8 s`, less what is None or missing."""
+    parts = [f"train/loss {train_loss:.4f}" if train_loss is not None else "",
+             f"val/loss {val['val/loss']:.4f}" if "val/loss" in val else "",
+             f"val/acc {100 * val['val/acc']:.2f}%" if "val/acc" in val else "",
+             f"{seconds:.1f} s" if seconds is not None else ""]
+    of = f"/{epochs}" if epochs and epochs > 0 else ""  # max_epochs=-1: no end set
+    return f"Epoch {epoch}{of}: " + "  ".join(part for part in parts if part)
 
 
 class OptunaPruning(pl.Callback):

@@ -28,6 +28,17 @@ from mnist_lab.run_folder import MLFLOW_ARTIFACTS, MLFLOW_STORE, in_sweep
 log = logging.getLogger(__name__)
 
 
+class TensorBoard(TensorBoardLogger):
+    """Lightning's TensorBoardLogger without the `epoch` scalar that Lightning adds to every metric
+    it logs: TensorBoard plots against the step already, and that one tag, with no section of its
+    own, would be the first chart of the SCALARS page, above train/ and val/. CSV keeps it."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        metrics = {key: value for key, value in metrics.items() if key != "epoch"}
+        if metrics:
+            super().log_metrics(metrics, step)
+
+
 def build_loggers(cfg: DictConfig, out_dir: Path, tensorboard: dict[str, Any], run_name: str,
                   mlflow_run_id: str | None = None) -> list[Logger]:
     """cfg.logger's loggers, TensorBoard first (the trainer's `logger`, which names the run's

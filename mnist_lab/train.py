@@ -33,12 +33,17 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 # On a machine with SLURM installed, Lightning advises prepending srun to every command; here a
 # sweep goes to SLURM through hydra/launcher=slurm, whose jobs do run under srun.
 warnings.filterwarnings("ignore", ".*The `srun` command is available on your system but is not used.*")
+# Lightning 2.6's pytree helper (pytorch_lightning/utilities/_pytree.py) builds torch's LeafSpec,
+# which torch 2.14 deprecates, in every fit: Lightning's to change, nothing a user can act on.
+warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning,
+                        "pytorch_lightning.utilities._pytree")
 
 
 def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swept: Sequence[str] = (),
         resume_from: str | Path | None = None, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
     """Train and test one configuration in out_dir and return its metrics. `overrides` (the command
-    line's) join the HPARAMS tab; `swept` (a sweep's keys) name the TensorBoard run; `resume_from`,
+    line's) join the HPARAMS tab where they can change the results (mnist_lab.hparams.hparams_of);
+    `swept` (a sweep's keys) name the TensorBoard run and get HPARAMS' ticked columns; `resume_from`,
     a checkpoint of this run, continues it; `extra_callbacks` join the configured ones (a sweeper's).
     A signal raises Interrupted after saving a checkpoint."""
     out_dir = Path(out_dir)
@@ -48,8 +53,9 @@ def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swe
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, model = build(cfg)
     best, timer, state = best_checkpoint(cfg, out_dir), EpochTimer(), TrainingState(out_dir / LAST_CHECKPOINT)
-    callbacks = [c for key in cfg.callbacks if key != "checkpoint" and (c := build_callback(cfg, key)) is not None]
-    callbacks += [*extra_callbacks, best, timer, state]
+    configured = [c for key in cfg.callbacks if key != "checkpoint" and (c := build_callback(cfg, key)) is not None]
+    # The timer first: it has recorded the epoch's time when the epoch line (callbacks.epoch_log) reads it.
+    callbacks = [timer, *configured, *extra_callbacks, best, state]
     skip_idle_step_hooks(callbacks)
     logger_kwargs = logger_run(out_dir, swept, overrides, resume_from, model)
     trainer = build_trainer(cfg, out_dir, logger_kwargs, callbacks)
@@ -124,7 +130,7 @@ def finish(cfg: DictConfig, out_dir: Path, loggers: Sequence[pl.loggers.Logger],
            overrides: Sequence[str], swept: Sequence[str]) -> None:
     """The run's last files: HPARAMS with the final metrics, curves.png, metrics.json, the same to
     the other loggers; a summary."""
-    params = hparams_of(cfg, overrides)
+    params = hparams_of(cfg, overrides, swept)
     if loggers and isinstance(loggers[0], TensorBoardLogger):
         log_hparams(loggers[0], params, swept)
         plot_curves(out_dir, Path(loggers[0].log_dir))
@@ -132,8 +138,9 @@ def finish(cfg: DictConfig, out_dir: Path, loggers: Sequence[pl.loggers.Logger],
     finish_loggers(loggers, params, [out_dir / "curves.png", out_dir / METRICS_FILE])
     logdir = "outputs" if out_dir.resolve().is_relative_to(Path("outputs").resolve()) else out_dir
     log.info(
-        "Run folder: %s\nTest accuracy: %.2f%% (best val/acc %.2f%%, %d epochs, %.1f s)\nTensorBoard: tensorboard --logdir %s",
-        out_dir, 100 * metrics["test/acc"], 100 * metrics["val/acc"], metrics["epochs"], metrics["fit_time_s"], logdir,
+        "Run folder: %s\nTest accuracy: %.2f%% (best val/acc %.2f%%, %d epoch%s, %.1f s)\nTensorBoard: tensorboard --logdir %s",
+        out_dir, 100 * metrics["test/acc"], 100 * metrics["val/acc"], metrics["epochs"], "" if metrics["epochs"] == 1 else "s",
+        metrics["fit_time_s"], logdir,
     )
 
 

@@ -1,5 +1,8 @@
-"""The training step stays free of callbacks with nothing to do on it (issue: framework cost)."""
+"""The training step stays free of callbacks with nothing to do on it (issue: framework cost); the
+epoch line and the progress bar show what the model has read already."""
 
+import logging
+import re
 from types import SimpleNamespace
 
 import pytorch_lightning as pl
@@ -9,8 +12,9 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from mnist_lab.callbacks import STEP_HOOKS, EpochTimer, ProgressBar, acts_on_steps, skip_idle_step_hooks
-from mnist_lab.callbacks import TrainingState
+from mnist_lab.callbacks import STEP_HOOKS, EpochLog, EpochTimer, ProgressBar, acts_on_steps, epoch_line
+from mnist_lab.callbacks import TrainingState, skip_idle_step_hooks
+from mnist_lab.models import SoftmaxRegression
 
 
 class Tiny(pl.LightningModule):
@@ -89,3 +93,65 @@ def test_training_state_watches_steps_only_once_a_signal_arrives(signal_first, t
     state.stop_signal("SIGTERM")
     assert state.on_train_batch_end is not None and state.on_train_batch_start is not None
     assert state.signal_name == "SIGTERM"
+
+
+class Seen(pl.Callback):
+    """What a test reads for itself: each step's loss (a test may read the device) and each
+    epoch's val/acc and val/loss, outside the sanity check."""
+
+    def __init__(self) -> None:
+        self.losses: list[list[float]] = []
+        self.val: list[dict[str, float]] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.losses.append([])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses[-1].append(outputs["loss"].item())
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.val.append({k: float(trainer.callback_metrics[k]) for k in ("val/loss", "val/acc")})
+
+
+def fit_classifier(callbacks, tmp_path, epochs: int = 2) -> tuple[pl.Trainer, SoftmaxRegression]:
+    """Softmax regression on 24 random images, 6 steps an epoch, validated after each."""
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(24, 1, 28, 28), torch.randint(0, 10, (24,)))
+    model = SoftmaxRegression(optimizer={"_target_": "torch.optim.SGD", "lr": 0.1})
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks)
+    trainer.fit(model, DataLoader(data, batch_size=4), DataLoader(data, batch_size=8))
+    return trainer, model
+
+
+LINE = re.compile(r"Epoch (\d+)/(\d+): train/loss (\S+)  val/loss (\S+)  val/acc (\S+)%  (\S+) s")
+
+
+def test_each_epoch_logs_one_line_of_its_metrics(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="mnist_lab.callbacks")
+    seen, timer = Seen(), EpochTimer()
+    fit_classifier([timer, EpochLog(), seen], tmp_path)  # with Lightning's sanity check, which logs nothing
+    lines = [LINE.fullmatch(r.getMessage()) for r in caplog.records if r.getMessage().startswith("Epoch ")]
+    assert len(lines) == 2 and all(lines)
+    for epoch, line in enumerate(lines):
+        assert line.group(1, 2) == (str(epoch + 1), "2")
+        assert line[3] == f"{sum(seen.losses[epoch]) / len(seen.losses[epoch]):.4f}"  # every step's, on CPU
+        assert (line[4], line[5]) == (f"{seen.val[epoch]['val/loss']:.4f}", f"{100 * seen.val[epoch]['val/acc']:.2f}")
+        assert line[6] == f"{timer.epoch_times[epoch]:.1f}"
+
+
+def test_the_epoch_line_leaves_out_what_it_lacks():
+    assert epoch_line(2, 5, 0.15234, {"val/loss": 0.08712, "val/acc": 0.97421}, 11.83) == (
+        "Epoch 2/5: train/loss 0.1523  val/loss 0.0871  val/acc 97.42%  11.8 s")
+    assert epoch_line(3, 5, None, {}, 2.0) == "Epoch 3/5: 2.0 s"  # no validation in that epoch, no loss read
+    assert epoch_line(3, -1, 0.5, {}, None) == "Epoch 3: train/loss 0.5000"  # max_epochs=-1
+
+
+def test_the_progress_bar_shows_the_last_loss_the_model_read(tmp_path):
+    bar, seen = ProgressBar(), Seen()
+    trainer, model = fit_classifier([bar, seen], tmp_path, epochs=1)
+    metrics = bar.get_metrics(trainer, model)
+    assert metrics["loss"] == model.losses.last == pytest.approx(seen.losses[-1][-1])
+    assert "v_num" not in metrics
+    assert model.losses.steps == 6  # on CPU the model reads every step's loss (one epoch, 6 steps)

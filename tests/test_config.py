@@ -23,9 +23,11 @@ def test_every_option_composes_and_builds(group, option, make_cfg, synthetic_dir
                         _convert_="all")
     assert isinstance(model.hparams.optimizer, dict) and isinstance(model.hparams.scheduler, dict)
     assert isinstance(model.hparams.loss, dict) and model.criterion(torch.randn(4, 10), torch.arange(4)).ndim == 0
+    from pytorch_lightning.loggers import TensorBoardLogger
+
     from mnist_lab.loggers import build_loggers
 
-    assert [type(lg).__name__ for lg in build_loggers(cfg, tmp_path, {}, "run")][:1] == ["TensorBoardLogger"]
+    assert isinstance(build_loggers(cfg, tmp_path, {}, "run")[0], TensorBoardLogger)
     for callback in cfg.callbacks.values():
         instantiate(callback)
     if cfg.trainer.accelerator != "gpu" or torch.cuda.is_available():  # trainer=gpu's refusal: test_train.py

@@ -129,8 +129,9 @@ def test_hparams_dashboard_lists_both_sessions_with_their_metrics(page, sweep):
     lines = text.splitlines()
     header = lines.index("Trial ID")
     columns = lines[header + 2: lines.index(f"0/{RUNS['0']}", header)]  # after "Show Metrics"
-    # swept first, then the fixed keys, then the metrics
-    assert columns[0] == "model" and columns[-5:] == ["val/acc", "test/acc", "test/loss", "val/acc_best", "val/loss"]
+    # the ticked hyperparameters (the swept model and the compared keys), by name; then the metrics
+    assert columns[:-5] == ["data.batch_size", "loss", "model", "optimizer", "optimizer.lr"]
+    assert columns[-5:] == ["val/acc", "test/acc", "test/loss", "val/acc_best", "val/loss"]
     for job, name in RUNS.items():
         metrics = json.loads((sweep / job / "metrics.json").read_text())
         row = lines[lines.index(f"{job}/{name}", header) + 1:][: len(columns)]

@@ -1,4 +1,9 @@
+import contextlib
+import csv
+import io
 import json
+import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +81,72 @@ def test_event_files_hold_the_scalars_and_hparams_with_metrics(name, smoke_runs)
     assert session.hparams["data.batch_size"].number_value == 32
 
 
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def logged_run(synthetic_dir, tmp_path_factory):
+    """A smoke run of softmax regression with logger=csv beside TensorBoard: (run folder, metrics,
+    mnist_lab's log messages, the console output besides them)."""
+    out_dir, records, console = tmp_path_factory.mktemp("logged"), Records(), io.StringIO()
+    package = logging.getLogger("mnist_lab")
+    package.addHandler(records)
+    level = package.level
+    package.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(console):  # the rich model summary prints to stdout
+            metrics = run(compose_train(*smoke_overrides(synthetic_dir, "model=softmax", "logger=csv")), out_dir)
+    finally:
+        package.removeHandler(records)
+        package.setLevel(level)
+    return out_dir, metrics, records.messages, console.getvalue()
+
+
+def test_each_epoch_logs_a_line_of_what_was_logged(logged_run):
+    out_dir, metrics, messages, _ = logged_run
+    accumulator = events(out_dir)
+    lines = [m for m in messages if m.startswith("Epoch ")]  # none for the sanity check
+    assert [line.split(":")[0] for line in lines] == ["Epoch 1/2", "Epoch 2/2"]
+    train_loss = [s.value for s in accumulator.Scalars("train/loss")]  # every step: log_every_n_steps=1
+    for epoch, line in enumerate(lines):
+        numbers = dict(re.findall(r"(train/loss|val/loss|val/acc) ([\d.]+)", line))
+        assert float(numbers["train/loss"]) == pytest.approx(sum(train_loss[3 * epoch: 3 * epoch + 3]) / 3, abs=1e-4)
+        assert numbers["val/acc"] == f"{100 * accumulator.Scalars('val/acc')[epoch].value:.2f}"
+        assert float(numbers["val/loss"]) == pytest.approx(accumulator.Scalars("val/loss")[epoch].value, abs=1e-4)
+        # EpochTimer's seconds, as metrics.json has them (rounded to the millisecond there)
+        assert float(line.split()[-2]) == pytest.approx(metrics["epoch_train_time_s"][epoch], abs=0.051)
+    assert "2 epochs," in messages[-1]
+
+
+def test_the_model_summary_shows_the_layers_alone(logged_run):
+    console = logged_run[3]
+    assert all(f" {name} " in console for name in ("net", "net.0", "net.1", "net.2", "Linear"))  # max_depth: 2
+    assert not any(name in console for name in ("FLOPs", "criterion", "val_acc", "test_loss", "MeanMetric"))
+    assert "Params: 7.9 K trainable, 0 non-trainable" in console
+
+
+def test_tensorboard_leaves_out_lightnings_epoch_scalar(logged_run):
+    out_dir = logged_run[0]
+    # The one tag outside a train/, val/ or test/ section would be the SCALARS page's first chart.
+    assert {tag.split("/")[0] for tag in events(out_dir).Tags()["scalars"]} == {"train", "val", "test"}
+    with open(out_dir / "csv" / "metrics.csv", newline="") as f:
+        assert "epoch" in next(csv.reader(f))  # CSV keeps Lightning's column
+
+
+def test_one_epoch_is_one_epoch(synthetic_dir, make_cfg, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="mnist_lab")
+    run(make_cfg(*smoke_overrides(synthetic_dir, "model=softmax", "trainer.max_epochs=1")), tmp_path)
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m.split(":")[0] for m in messages if m.startswith("Epoch ")] == ["Epoch 1/1"]
+    assert "1 epoch," in messages[-1]
+
+
 def test_hparams_have_the_same_keys_across_a_sweep(make_cfg):
     from mnist_lab.hparams import hparams_of
 
@@ -84,6 +155,52 @@ def test_hparams_have_the_same_keys_across_a_sweep(make_cfg):
     assert params[0].keys() == params[1].keys()
     assert (params[0]["model"], params[0]["optimizer"], params[0]["model.dropout"]) == ("LeNet", "SGD", 0.1)
     assert (params[1]["model"], params[1]["optimizer"], params[1]["model.dropout"]) == ("MLP", "Adam", 0.3)
+
+
+FIXED = {"model", "optimizer", "scheduler", "loss", "augment", "optimizer.lr", "data.dataset", "data.batch_size", "seed",
+         "trainer.max_epochs"}
+
+
+def test_bookkeeping_overrides_stay_out_of_hparams(synthetic_dir, make_cfg):
+    from mnist_lab.hparams import hparams_of
+
+    overrides = smoke_overrides(synthetic_dir, "model.dropout=0.2", "callbacks.test_figures.samples=8", "logger=csv",
+                                "compile=false", "trusted_targets=[]")
+    params = hparams_of(make_cfg(*overrides), [*overrides, "hydra.run.dir=/tmp/run", "resume=/tmp/run"])
+    # data.download, data.data_dir, data.verify_checksums, trainer.log_every_n_steps, the progress bar... are out
+    assert set(params) == FIXED | {"model.dropout", "data.val_size", "data.eval_batch_size", "trainer.limit_train_batches"}
+    assert (params["model.dropout"], params["trainer.limit_train_batches"]) == (0.2, 3)
+    swept = hparams_of(make_cfg("data.num_workers=0"), ["data.num_workers=0"], swept=["data.num_workers"])
+    assert swept["data.num_workers"] == 0  # a swept key always joins: it names the run
+
+
+def tensorboard_ticks(run_dir: Path) -> list[str]:
+    """The hyperparameter columns TensorBoard's HPARAMS tab shows before any is ticked: its backend
+    sorts the experiment's hparam_infos (backend_context._sort_and_reduce_to_hparams_limit, with the
+    dashboard's hparamsLimit of 1000) and its dashboard ticks the first five. Fails loudly if
+    TensorBoard renames that function."""
+    from tensorboard.plugins.hparams.backend_context import _sort_and_reduce_to_hparams_limit
+
+    content = events(run_dir).PluginTagToContent("hparams")["_hparams_/experiment"]
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content).experiment
+    _sort_and_reduce_to_hparams_limit(experiment, 1000)
+    return [info.name for info in experiment.hparam_infos][:5]
+
+
+@pytest.mark.parametrize("swept, shown", [
+    ((), ["data.batch_size", "loss", "model", "optimizer", "optimizer.lr"]),
+    (("optimizer.lr", "data.split_seed"), ["data.batch_size", "data.split_seed", "model", "optimizer", "optimizer.lr"]),
+    (("model",), ["data.batch_size", "loss", "model", "optimizer", "optimizer.lr"]),
+])
+def test_hparams_ticks_the_swept_keys_then_the_compared_ones(swept, shown, make_cfg, tmp_path):
+    from mnist_lab.hparams import hparams_of, log_hparams
+    from mnist_lab.loggers import TensorBoard
+
+    overrides = ["data.download=false", "model.dropout=0.1", *(f"{key}=1" for key in swept if key != "model")]
+    cfg = make_cfg(*overrides)
+    logger = TensorBoard(save_dir=str(tmp_path), name="", version="")
+    log_hparams(logger, hparams_of(cfg, overrides, swept), swept)
+    assert tensorboard_ticks(tmp_path) == shown  # TensorBoard orders them by name
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -141,7 +258,11 @@ def test_train_py_end_to_end(synthetic_dir, tmp_path):
     assert f"Test accuracy: {100 * metrics['test/acc']:.2f}%" in output
     assert "tensorboard --logdir" in output
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / ".hydra" / "overrides.yaml").exists()
-    assert "Test accuracy" in (run_dir / "train.log").read_text()
+    log = (run_dir / "train.log").read_text()
+    assert "Test accuracy" in log and "(best val/acc" in log and "2 epochs," in log
+    epochs = [line.split(" - ", 1)[1].split(":")[0] for line in log.splitlines() if "][INFO] - Epoch " in line]
+    assert epochs == ["Epoch 1/2", "Epoch 2/2"]  # one line per epoch, none for the sanity check
+    assert "LeafSpec" not in result.stderr, result.stderr  # Lightning's deprecation warning, filtered
 
 
 BAD_INPUT = [

@@ -1,6 +1,7 @@
 """The shared LightningModule: steps, loss, metrics, logging and optimizers for every architecture."""
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
@@ -18,6 +19,21 @@ if TYPE_CHECKING:
 DEFAULT_LOSS = {"_target_": "torch.nn.CrossEntropyLoss"}  # conf/loss/cross_entropy.yaml
 # Scheduler arguments that give the schedule's length; left null in config, the trainer fills them.
 SCHEDULE_LENGTH_ARGS = ("total_steps", "T_max")
+
+
+@dataclass
+class HostLosses:
+    """The training loss values read on the host in this epoch: every step's on CPU, the logging
+    steps' on a GPU (ImageClassifier._check_and_log). A run resumed in the middle of an epoch
+    counts the steps since it resumed."""
+
+    total: float = 0.0
+    steps: int = 0
+    last: float | None = None  # kept across epochs: the progress bar shows it
+
+    @property
+    def mean(self) -> float | None:
+        return self.total / self.steps if self.steps else None
 
 
 def activation_layer(name: str) -> nn.Module:
@@ -66,6 +82,7 @@ class ImageClassifier(pl.LightningModule):
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
         self.captured: CapturedSteps | None = None  # compile=true: set by mnist_lab.train.run
+        self.losses = HostLosses()  # for the epoch line (mnist_lab.callbacks.EpochLog) and the progress bar
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -95,11 +112,16 @@ class ImageClassifier(pl.LightningModule):
                 f"training diverged: the loss is {value} {where} step {self.global_step}; "
                 f"lower the learning rate (optimizer.lr={self.hparams.optimizer['lr']})"
             )
+        losses = self.losses  # a plain object: no nn.Module.__setattr__ on the step
+        losses.total, losses.steps, losses.last = losses.total + value, losses.steps + 1, value
         if logging_step:
             # Straight to the loggers, at the step Lightning would use. Through self.log, the key
             # would join Lightning's results, which it goes through at every step: 30 us a step here.
             for logger in self.loggers:
                 logger.log_metrics({"train/loss": value}, step=self.global_step)
+
+    def on_train_epoch_start(self) -> None:
+        self.losses.total, self.losses.steps = 0.0, 0
 
     def on_train_epoch_end(self) -> None:
         counts = self.trainer.strategy.reduce(self._epoch_train_counts(), reduce_op="sum")
