@@ -15,11 +15,11 @@ interrupt) saves a checkpoint and raises RunInterrupted, which says how to go on
 import difflib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.core.global_hydra import GlobalHydra
@@ -33,7 +33,6 @@ from mnist_lab.run_folder import CONF_DIR, CONFIG_FILE, METRICS_FILE, read_metri
 if TYPE_CHECKING:
     import torch
     from matplotlib.figure import Figure
-    from PIL import Image
 
 __all__ = ["Run", "RunInterrupted", "Sweep", "fit", "load", "main", "sweep"]
 
@@ -41,8 +40,8 @@ __all__ = ["Run", "RunInterrupted", "Sweep", "fit", "load", "main", "sweep"]
 class RunInterrupted(KeyboardInterrupt):
     """A run or sweep stopped by a signal, with a checkpoint to go on from (`folder`)."""
 
-    def __init__(self, folder: Path | None, code: int) -> None:
-        how = f": mnist_lab.fit('resume={folder}') goes on" if folder is not None else ""
+    def __init__(self, folder: Path | None, code: int, call: str = "fit") -> None:
+        how = f": mnist_lab.{call}('resume={folder}') goes on" if folder is not None else ""
         super().__init__(f"stopped ({'SIGINT' if code == 130 else 'SIGTERM'}){how}")
         self.folder = folder
 
@@ -212,9 +211,10 @@ def _started(argv: list[str]) -> list[Path]:
     try:
         _hydra(argv)
     except SystemExit as e:
-        folder = app.runs_started[-1] if app.runs_started else app.sweep_started
         if e.code in (130, 143):  # a stop: the job has printed how to go on
-            raise RunInterrupted(folder, e.code) from None
+            if app.sweep_started is not None:
+                raise RunInterrupted(app.sweep_started, e.code, "sweep") from None
+            raise RunInterrupted(app.runs_started[-1] if app.runs_started else None, e.code) from None
         if isinstance(e.code, str):
             raise InputError(e.code.removeprefix("Error: ")) from None
         if e.code not in (None, 0):

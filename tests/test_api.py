@@ -180,3 +180,16 @@ def test_an_installed_copy_fits_from_any_folder(synthetic_dir, tmp_path):
     cli = subprocess.run([sys.executable, "-m", "mnist_lab", "model=lenett"], cwd=elsewhere, capture_output=True,
                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(target)})
     assert cli.returncode == 1 and "did you mean model=lenet?" in cli.stderr
+
+
+def test_an_interrupted_sweep_says_how_to_go_on_and_sweep_resume_finishes_it(synthetic_dir, tmp_path, monkeypatch):
+    folder = tmp_path / "sweep"
+    overrides = smoke_overrides(synthetic_dir, "model=softmax", f"+callbacks.stop._target_={INTERRUPT}")
+    monkeypatch.setenv("MNIST_LAB_TEST_INTERRUPT_AT_EPOCH", "1")
+    with pytest.raises(mnist_lab.RunInterrupted) as stopped:
+        mnist_lab.sweep(*overrides, "optimizer.lr=0.05,0.1", out_dir=folder)
+    assert stopped.value.folder == folder and f"mnist_lab.sweep('resume={folder}')" in str(stopped.value)
+    assert json.loads((folder / "0" / "metrics.json").read_text())["status"] == "interrupted"
+    monkeypatch.delenv("MNIST_LAB_TEST_INTERRUPT_AT_EPOCH")
+    sweep = mnist_lab.sweep(f"resume={folder}", f"trusted_targets=[{INTERRUPT}]")
+    assert sweep.folder == folder and [job["status"] for job in sweep.jobs] == ["ok", "ok"]
