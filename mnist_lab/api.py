@@ -117,7 +117,7 @@ class Run:
     _classifier: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self.folder = Path(self.folder)
+        self.folder = Path(self.folder).absolute()  # still right when the working directory changes
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -185,12 +185,15 @@ class Sweep:
 
     folder: Path
 
+    def __post_init__(self) -> None:
+        self.folder = Path(self.folder).absolute()
+
     @property
     def jobs(self) -> list[dict[str, Any]]:
         """One dict per job: its number, overrides, status and metrics (summary.csv's rows)."""
         from mnist_lab.report import load_jobs
 
-        return load_jobs(Path(self.folder))
+        return load_jobs(self.folder)
 
     @property
     def best(self) -> Run | None:
@@ -198,7 +201,7 @@ class Sweep:
         from mnist_lab.report import best_job
 
         best = best_job(self.jobs)
-        return Run(Path(self.folder) / best["job"]) if best else None
+        return Run(self.folder / best["job"]) if best else None
 
 
 def _started(argv: list[str]) -> list[Path]:

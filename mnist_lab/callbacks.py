@@ -187,11 +187,14 @@ class EpochLog(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         losses = getattr(pl_module, "losses", None)
+        mean = losses.mean if isinstance(losses, HostLosses) else None
         timer = next((c for c in trainer.callbacks if isinstance(c, EpochTimer)), None)
         if trainer.is_global_zero:
-            log.info(epoch_line(trainer.current_epoch + 1, trainer.max_epochs,
-                                losses.mean if isinstance(losses, HostLosses) else None, self._val,
+            log.info(epoch_line(trainer.current_epoch + 1, trainer.max_epochs, mean, self._val,
                                 timer.epoch_time if timer else None))
+            if mean is not None:  # the same number in the loggers (Run.history reads it), at the epoch's last step
+                for logger in trainer.loggers:
+                    logger.log_metrics({"train/loss_epoch": mean}, step=max(trainer.global_step - 1, 0))
         self._val = {}
 
 

@@ -92,14 +92,16 @@ def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def epoch_history(log_dir: Path, epoch_seconds: list[float]) -> list[dict[str, float | int | None]]:
-    """One dict per validated epoch: epoch (from 1), train/loss (the mean of the values logged in
-    the epoch), val/loss, val/acc, lr (the last of the epoch) and seconds (`epoch_seconds`, the
-    run's training time per epoch, where known)."""
+    """One dict per validated epoch: epoch (from 1), train/loss (the epoch's mean, as its console
+    line says, from train/loss_epoch; without that, the mean of the train/loss values logged in the
+    epoch), val/loss, val/acc, lr (the last of the epoch) and seconds (`epoch_seconds`, the run's
+    training time per epoch, where known)."""
     scalars = read_scalars(log_dir)
     history, start = [], -1
     # Lightning logs an epoch's validation at the step of its last training step.
     for epoch, (end, acc) in enumerate(scalars.get("val/acc", [])):
-        losses = [value for step, value in scalars.get("train/loss", []) if start < step <= end]
+        losses = [value for step, value in scalars.get("train/loss_epoch", []) if start < step <= end] or \
+            [value for step, value in scalars.get("train/loss", []) if start < step <= end]
         val_loss = next((value for step, value in scalars.get("val/loss", []) if step == end), None)
         lrs = [value for step, value in scalars.get("train/lr", []) if step <= end]
         history.append({

@@ -28,6 +28,11 @@ from mnist_lab.run_folder import LAST_CHECKPOINT, METRICS_FILE, ensure_writable,
 log = logging.getLogger(__name__)
 # Lightning advertises its cloud logger at every Trainer start, in every run's log: drop that line.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
+# Nor is its note that it adds no default summary beside ours (callbacks.model_summary) news to anyone.
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+    lambda record: "Skipping setting a default `ModelSummary` callback" not in record.getMessage())
+# A resumed run goes on in its own checkpoints/ folder: that it is not empty is the point.
+warnings.filterwarnings("ignore", r"Checkpoint directory .* exists and is not empty\.", UserWarning)
 # In-memory batches need no loader workers; Lightning's advice to add some does not apply.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 # On a machine with SLURM installed, Lightning advises prepending srun to every command; here a

@@ -193,3 +193,9 @@ def test_an_interrupted_sweep_says_how_to_go_on_and_sweep_resume_finishes_it(syn
     monkeypatch.delenv("MNIST_LAB_TEST_INTERRUPT_AT_EPOCH")
     sweep = mnist_lab.sweep(f"resume={folder}", f"trusted_targets=[{INTERRUPT}]")
     assert sweep.folder == folder and [job["status"] for job in sweep.jobs] == ["ok", "ok"]
+
+
+def test_history_has_the_training_loss_the_epoch_line_printed(fitted):
+    lines = [line for line in (fitted.folder / "train.log").read_text().splitlines() if "Epoch " in line and "train/loss" in line]
+    printed = [float(line.split("train/loss ")[1].split()[0]) for line in lines]
+    assert [round(row["train/loss"], 4) for row in fitted.history] == printed

@@ -3,7 +3,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from tests.conftest import ROOT, run_train
+from tests.conftest import ARCHITECTURES, ROOT, run_train
 
 GROUPS = ["data", "augment", "model", "optimizer", "loss", "scheduler", "trainer", "logger", "callbacks", "experiment",
           "sweep"]
@@ -71,7 +71,7 @@ def test_help_lists_the_groups():
 
 
 @pytest.mark.parametrize("override, line", [
-    ("model=foo", "Error: model=foo: no such option in conf/model/ (the options: cnn, lenet, mlp, softmax)"),
+    ("model=foo", f"Error: model=foo: no such option in conf/model/ (the options: {', '.join(ARCHITECTURES)})"),
     ("optimizer=adamx", "Error: optimizer=adamx: no such option in conf/optimizer/; did you mean optimizer=adam? "
                         "(the options: adadelta, adam, adamw, rmsprop, sgd)"),
 ])

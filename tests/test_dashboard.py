@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 ARTIFACTS = Path(os.environ.get("MNIST_LAB_TEST_ARTIFACTS", ROOT / "test-artifacts"))
-SCALAR_TAGS = ("train/loss", "train/acc", "train/lr", "val/loss", "val/acc", "val/acc_best", "test/loss", "test/acc")
+SCALAR_TAGS = ("train/loss", "train/loss_epoch", "train/acc", "train/lr", "val/loss", "val/acc", "val/acc_best", "test/loss", "test/acc")
 RUNS = {"0": "model=softmax", "1": "model=lenet"}  # job folder -> TensorBoard run name in it
 
 
