@@ -114,7 +114,7 @@ class Run:
 
     folder: Path
     checkpoint: Path | None = None  # the one classify and evaluate use; default: the best
-    _classifier: Any = field(default=None, repr=False)
+    _classifier: Any = field(default=None, init=False, repr=False, compare=False)  # loaded at the first classify
 
     def __post_init__(self) -> None:
         self.folder = Path(self.folder).absolute()  # still right when the working directory changes
