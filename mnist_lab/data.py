@@ -1,5 +1,6 @@
 """MNIST-family data: IDX file checks, a seeded validation hold-out and in-memory batches."""
 
+import functools
 import hashlib
 import math
 import re
@@ -66,8 +67,7 @@ def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
 
 def verify_checksum(path: Path, dataset: str, expected: str) -> None:
     """Refuse a file whose MD5 is not the official one (0.1 s for the 47 MB training images)."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    key = _stamp(path)
     if key in _verified:
         return
     with open(path, "rb") as f:
@@ -79,6 +79,20 @@ def verify_checksum(path: Path, dataset: str, expected: str) -> None:
             "pass data.verify_checksums=false"
         )
     _verified.add(key)
+
+
+def _stamp(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=4)  # a data set's two splits, or two data sets'
+def decode(dataset_cls: type, data_dir: str, train: bool, *stamps: tuple[str, int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(N, 1, 28, 28) uint8 images, (N,) int64 labels and the class count of one split, decoded
+    once per process while its files (`stamps`: path, size, mtime) stay the same: a notebook's
+    second run reads nothing. Callers index or copy these tensors, never write into them."""
+    ds = dataset_cls(data_dir, train=train, download=False)
+    return ds.data.unsqueeze(1), ds.targets, len(ds.classes)
 
 
 def check_idx(path: Path, magic: int) -> int:
@@ -200,7 +214,7 @@ class MNISTDataModule(pl.LightningDataModule):
         mean: float = 0.1307,
         std: float = 0.3081,
         batch_size: int = 64,
-        eval_batch_size: int = 1000,
+        eval_batch_size: int = 500,
         val_size: int = 5000,
         split_seed: int = 1,
         seed: int = 1,
@@ -283,10 +297,11 @@ class MNISTDataModule(pl.LightningDataModule):
             raise InputError(
                 f"{image_file} holds {n_images} images but {label_file} {n_labels} labels: {_fix(self.raw_dir)}"
             )
-        ds = self.dataset_cls(self.hparams.data_dir, train=split == "train", download=False)
-        if ds.targets.max() >= len(ds.classes):
-            raise InputError(f"{label_file} holds labels outside 0-{len(ds.classes) - 1}: {_fix(self.raw_dir)}")
-        return ds.data.unsqueeze(1), ds.targets
+        images, labels, classes = decode(self.dataset_cls, self.hparams.data_dir, split == "train",
+                                         _stamp(image_file), _stamp(label_file))
+        if labels.max() >= classes:
+            raise InputError(f"{label_file} holds labels outside 0-{classes - 1}: {_fix(self.raw_dir)}")
+        return images, labels
 
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate") and not hasattr(self, "train_set"):

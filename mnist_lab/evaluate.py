@@ -26,7 +26,7 @@ from mnist_lab.augment import affine
 from mnist_lab.checkpoint import datamodule_for, load_checkpoint
 from mnist_lab.data import dataset_name, normalize
 from mnist_lab.errors import InputError, one_line_errors
-from mnist_lab.figures import confusion_figure, mistakes_figure, most_confident
+from mnist_lab.figures import confusion_figure, drawing, mistakes_figure, most_confident
 from mnist_lab.run_folder import ensure_writable
 
 OUTPUTS = ("evaluation.json", "confusion_matrix.png", "misclassified.png", "robustness.png", "events.out.tfevents.*")
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         figures["robustness"] = robustness_figure(result["robustness"])
 
     (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
-    with SummaryWriter(str(out_dir)) as writer:
+    with SummaryWriter(str(out_dir)) as writer, drawing():
         writer.add_scalar("evaluate/acc", result["test/acc"])
         writer.add_scalar("evaluate/loss", result["test/loss"])
         for name, figure in figures.items():

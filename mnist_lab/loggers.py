@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
 
 from mnist_lab.errors import InputError, config_errors
+from mnist_lab.figures import drawing
 from mnist_lab.run_folder import MLFLOW_ARTIFACTS, MLFLOW_STORE, in_sweep
 
 log = logging.getLogger(__name__)
@@ -102,11 +103,12 @@ def forget_after(loggers: Sequence[Logger], step: int) -> None:
 
 def log_figure(trainer: pl.Trainer, tag: str, figure: Figure) -> None:
     """A figure to every logger that keeps figures: TensorBoard's IMAGES, MLflow's artifacts."""
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_figure(tag, figure, trainer.global_step, close=False)
-        elif isinstance(logger, MLFlowLogger):
-            logger.experiment.log_figure(logger.run_id, figure, f"{tag}.png")
+    with drawing():
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure(tag, figure, trainer.global_step, close=False)
+            elif isinstance(logger, MLFlowLogger):
+                logger.experiment.log_figure(logger.run_id, figure, f"{tag}.png")
 
 
 def finish_loggers(loggers: Sequence[Logger], params: dict[str, Any], files: Sequence[Path]) -> None:

@@ -37,7 +37,7 @@ def test_every_option_composes_and_builds(group, option, make_cfg, synthetic_dir
 def test_defaults_are_the_tuned_ones(make_cfg):
     cfg = make_cfg()
     assert cfg.model._target_ == "mnist_lab.models.LeNet"
-    assert (cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.val_size) == (64, 1000, 5000)
+    assert (cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.val_size) == (64, 500, 5000)
     assert (cfg.data.mean, cfg.data.std, cfg.seed) == (0.1307, 0.3081, 1)
     assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.lr == 0.05
     assert cfg.scheduler.max_lr == cfg.optimizer.lr

@@ -1,10 +1,12 @@
+import os
+import shutil
 import struct
 from pathlib import Path
 
 import pytest
 import torch
 
-from mnist_lab.data import MNISTDataModule
+from mnist_lab.data import MNISTDataModule, decode
 from mnist_lab.errors import InputError
 from tests.conftest import N_TEST, N_TRAIN
 
@@ -56,7 +58,7 @@ def test_batches_have_the_configured_sizes(synthetic_dir):
     dm = datamodule(synthetic_dir)
     sizes = [len(labels) for _, labels in dm.train_dataloader()]
     assert sizes == [32] * 6 + [N_TRAIN - 100 - 32 * 6]
-    assert [len(labels) for _, labels in dm.test_dataloader()] == [N_TEST]  # eval_batch_size 1000
+    assert [len(labels) for _, labels in dm.test_dataloader()] == [N_TEST]  # eval_batch_size 500
 
 
 def test_normalization_on_transfer(synthetic_dir):
@@ -268,3 +270,17 @@ def test_an_unreadable_file_is_not_a_reason_to_delete_the_data(fresh_data_dir):
 def test_a_normalization_that_would_look_like_divergence_is_refused(key, value, synthetic_dir):
     with pytest.raises(InputError, match=f"data.mean and data.std must be finite and data.std > 0, got .*{key}="):
         MNISTDataModule(data_dir=str(synthetic_dir), **{key: value})
+
+
+def test_a_process_decodes_a_split_once_until_its_files_change(synthetic_dir, tmp_path):
+    shutil.copytree(synthetic_dir, tmp_path / "data")
+    decode.cache_clear()
+    first = datamodule(tmp_path / "data")
+    second = datamodule(tmp_path / "data")  # a notebook's next run: nothing read again
+    assert (decode.cache_info().misses, decode.cache_info().hits) == (2, 2)
+    assert torch.equal(first.test_set.images, second.test_set.images)
+    labels = tmp_path / "data" / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    stat = labels.stat()
+    os.utime(labels, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a new copy of the file
+    datamodule(tmp_path / "data")
+    assert (decode.cache_info().misses, decode.cache_info().hits) == (3, 3)

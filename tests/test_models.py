@@ -1,6 +1,8 @@
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from mnist_lab.errors import InputError
 from mnist_lab.models import CNN, MLP, LeNet, SoftmaxRegression
@@ -74,3 +76,16 @@ def test_cnn_blocks_pool_between_them_and_normalize_every_conv():
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 6
     assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 2  # 28 -> 14 -> 7
     assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] == [0.2]
+
+
+def test_on_a_cpu_convolution_weights_turn_channels_last_and_the_outputs_stay_the_same():
+    model = LeNet().eval()
+    x = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        before = model(x)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(model, DataLoader(TensorDataset(x, torch.zeros(16, dtype=torch.long)), batch_size=16), verbose=False)
+    assert model.net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.net[7].weight.is_contiguous()  # a Linear's weights stay as they are
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
