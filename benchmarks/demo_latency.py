@@ -11,7 +11,6 @@ model) and of the server's own time for it (the "ms" of each answer).
 import argparse
 import io
 import json
-import os
 import socket
 import statistics
 import subprocess
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from mnist_lab.data import default_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--data-dir", default=os.environ.get("MNIST_LAB_DATA", "data"))
+    parser.add_argument("--data-dir", default=str(default_data_dir()))
     args = parser.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -43,6 +43,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torchvision import datasets, transforms
 
+from mnist_lab.data import MNIST_MEAN, MNIST_STD, default_data_dir
 from mnist_lab.train import run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -179,7 +180,7 @@ def lightning_floor(cfg, datamodule, epochs: int, window: int):
 
 def notebook_loader(cfg, data_dir: str) -> torch.utils.data.DataLoader:
     """(c)'s data: the notebook's per-sample ToTensor + Normalize and its DataLoader settings."""
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
     return torch.utils.data.DataLoader(
         datasets.MNIST(data_dir, train=True, download=False, transform=transform),
         batch_size=cfg.data.batch_size, shuffle=True, num_workers=1, pin_memory=True,
@@ -229,7 +230,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=20, help="steps per alternation of the arms")
     parser.add_argument("--no-floor", action="store_true", help="leave (a0) out")
     parser.add_argument("--notebook-epochs", type=int, default=1, help="epochs of (c); 0 skips it")
-    parser.add_argument("--data-dir", default=os.environ.get("MNIST_LAB_DATA", "data"))
+    parser.add_argument("--data-dir", default=str(default_data_dir()))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mnist_lab.data import default_data_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 ONE_BATCH = ["model=lenet", "trainer.max_epochs=1", "+trainer.limit_train_batches=1"]
 
@@ -165,7 +167,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the run, e.g. model=softmax")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--data-dir", default=os.environ.get("MNIST_LAB_DATA", "data"))
+    parser.add_argument("--data-dir", default=str(default_data_dir()))
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--warm", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -33,7 +33,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from epoch_time import test_accuracy, time_to  # the CPU benchmark beside this file
-from mnist_lab.data import BatchIndices
+from mnist_lab.data import BatchIndices, default_data_dir
 from mnist_lab.train import run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both, e.g. data.batch_size=512 optimizer.lr=0.2")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--data-dir", default=os.environ.get("MNIST_LAB_DATA", "data"))
+    parser.add_argument("--data-dir", default=str(default_data_dir()))
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("Error: PyTorch sees no CUDA GPU here: run this on a GPU machine, or pass --device cpu to check the script")

@@ -27,6 +27,7 @@ from hydra.errors import CompactHydraException, MissingConfigException, Override
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
+from mnist_lab.data import default_data_dir
 from mnist_lab.errors import InputError, first_line
 from mnist_lab.run_folder import CONF_DIR, CONFIG_FILE, METRICS_FILE, read_metrics, release_locks, resumed_sweep_argv
 
@@ -166,7 +167,7 @@ class Run:
 
         from mnist_lab.evaluate import run
 
-        data_dir = OmegaConf.select(OmegaConf.load(self.folder / CONFIG_FILE), "data.data_dir", default="data")
+        data_dir = OmegaConf.select(OmegaConf.load(self.folder / CONFIG_FILE), "data.data_dir", default=str(default_data_dir()))
         args = argparse.Namespace(ckpt=self.checkpoint or self.best_checkpoint, dataset=None, data_dir=Path(data_dir),
                                   robustness=robustness, out=None, batch_size=1000)
         return run(args)

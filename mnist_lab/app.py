@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
 from mnist_lab.callbacks import Interrupted, OptunaPruning
-from mnist_lab.errors import InputError, cause_of
+from mnist_lab.errors import InputError, cause_of, described
 from mnist_lab.report import load_jobs, recorded_sweep_keys, sweep_keys, write_report
 from mnist_lab.run_folder import (
     LAST_CHECKPOINT, SWEEP_FILE, check_resume_command, check_run_folder, check_sweep_folder, claim, ensure_writable,
@@ -108,8 +108,7 @@ def failed(out_dir: Path, error: Exception, multirun: bool) -> float:
     error = cause_of(error)
     resume = record_failed(out_dir, error) if rank_zero_only.rank == 0 else None
     expected = isinstance(error, (InputError, OSError, MemoryError, torch.cuda.OutOfMemoryError))  # not a bug
-    lines = str(error).strip().splitlines()
-    line = str(error) if isinstance(error, InputError) else f"{type(error).__name__}: {lines[0] if lines else ''}"
+    line = str(error) if isinstance(error, InputError) else described(error)
     if resume:
         line += f". The run can go on from its last checkpoint: {resume}"
     if multirun:
@@ -162,7 +161,7 @@ class CheckOutputDir(Callback):
         except InputError as e:
             sys.exit(f"Error: {e}")
         except Exception as e:  # noqa: BLE001  Hydra would only warn and go on: fail closed instead
-            sys.exit(f"Error: could not check the output folder {folder}: {type(e).__name__}: {e}")
+            sys.exit(f"Error: could not check the output folder {folder}: {described(e)}")
 
 
 class SweepReport(Callback):

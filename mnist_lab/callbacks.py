@@ -18,7 +18,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities.model_summary import get_formatted_model_size, get_human_readable_count
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from mnist_lab.errors import InputError
+from mnist_lab.errors import InputError, is_whole
 from mnist_lab.figures import Mistakes, confusion_figure, digit_grid, mistakes_figure, most_confident
 from mnist_lab.loggers import log_figure
 from mnist_lab.models.base import HostLosses
@@ -44,9 +44,9 @@ def acts_on_steps(callback: pl.Callback, hook: str) -> bool:
 
 def skip_idle_step_hooks(callbacks: Iterable[pl.Callback]) -> None:
     """Lightning visits every callback at each of the six hooks of every training step, even where
-    the callback does nothing there, and each visit costs about 1.5 us on a 2-core CPU (a profiler
-    context, and the callback's `state_key`, which ModelCheckpoint rebuilds from its settings every
-    time): 60 us a step for the default callbacks. Setting such a hook to None on the instance
+    the callback does nothing there, and each visit costs a profiler context and the callback's
+    `state_key`, which ModelCheckpoint rebuilds from its settings every time (docs/speed.md: the
+    cost of a training step). Setting such a hook to None on the instance
     skips the visit, because Lightning's dispatcher (`pytorch_lightning.trainer.call.
     _call_callback_hooks`) calls only callable hooks; tests/test_callbacks.py fails if that changes."""
     for callback in callbacks:
@@ -248,7 +248,7 @@ class TestFigures(pl.Callback):
     sample digits are the first process's."""
 
     def __init__(self, samples: int = 32) -> None:
-        if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= 1024:
+        if not is_whole(samples) or not 1 <= samples <= 1024:
             raise InputError(f"callbacks.test_figures.samples must be from 1 to 1024 digits, got {samples!r}: "
                              "pass e.g. callbacks.test_figures.samples=32")
         self.samples = samples

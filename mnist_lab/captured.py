@@ -18,7 +18,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from mnist_lab.errors import InputError
+from mnist_lab.errors import InputError, is_whole
 
 WARMUP_STEPS = 3  # on a side stream before capture: cuBLAS/cuDNN handles, the optimizer's state
 
@@ -30,7 +30,7 @@ def check_capture(cfg: DictConfig) -> None:
         if steps != 1:
             raise InputError(f"steps_per_replay={steps} applies to the captured step only: add compile=true, or drop it")
         return
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not is_whole(steps) or steps < 1:
         raise InputError(f"steps_per_replay must be a positive integer, got {steps!r}: pass e.g. steps_per_replay=4")
     optimizer = cfg.optimizer._target_
     if "fused" not in inspect.signature(get_class(optimizer)).parameters:

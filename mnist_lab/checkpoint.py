@@ -10,8 +10,8 @@ import yaml
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from mnist_lab.data import MNISTDataModule
-from mnist_lab.errors import InputError
+from mnist_lab.data import MNIST_MEAN, MNIST_STD, MNISTDataModule
+from mnist_lab.errors import InputError, first_line
 from mnist_lab.models import ImageClassifier
 from mnist_lab.run_folder import is_trusted, targets
 
@@ -38,7 +38,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors and data only
     except Exception as e:  # truncated, or holding objects we refuse to unpickle
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise InputError(f"{path} is not a checkpoint that loads safely ({reason[:200]}): {HINT}") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict) \
             or not isinstance(checkpoint.get("hyper_parameters"), dict):
@@ -67,7 +67,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         model = cls(**checkpoint["hyper_parameters"])
         model.load_state_dict(weights)
     except (TypeError, ValueError, RuntimeError, InputError) as e:  # arguments or weights that do not fit the class
-        raise InputError(f"{path} does not fit {cls.__name__} ({str(e).splitlines()[0][:200]}): {HINT}") from None
+        raise InputError(f"{path} does not fit {cls.__name__} ({first_line(e)[:200]}): {HINT}") from None
     data = checkpoint.get("datamodule_hyper_parameters")
     return model.to(device).eval(), dict(data) if isinstance(data, dict) else {}
 
@@ -76,8 +76,8 @@ def datamodule_for(data: dict[str, Any], data_dir: str | Path, dataset: str | No
     """A data module for a checkpoint's data settings `data`, its official test set of `dataset`
     (default: the checkpoint's own) ready in .test_set, normalized as the model was trained."""
     datamodule = MNISTDataModule(
-        data_dir=str(data_dir), dataset=dataset or data.get("dataset", "MNIST"), mean=data.get("mean", 0.1307),
-        std=data.get("std", 0.3081), download=data.get("download", True),
+        data_dir=str(data_dir), dataset=dataset or data.get("dataset", "MNIST"), mean=data.get("mean", MNIST_MEAN),
+        std=data.get("std", MNIST_STD), download=data.get("download", True),
         verify_checksums=data.get("verify_checksums", True),
     )
     datamodule.prepare_data()

@@ -118,7 +118,8 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's arguments (the docs' commands are checked against it)."""
     parser = argparse.ArgumentParser(prog="python -m mnist_lab.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, type=Path, help="a checkpoint (.ckpt) or an ONNX export (.onnx)")
     parser.add_argument("--port", type=int, default=0, help="the port to serve on (default: a free one)")
@@ -127,7 +128,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", type=Path, default=None,
                         help="the folder whose checkpoints and ONNX files the page may switch to "
                              "(default: the outputs folder above the checkpoint, or its run folder)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     with one_line_errors():
         if not 0 <= args.port <= 65535:
             raise InputError(f"--port {args.port}: give a port from 1 to 65535, or 0 for a free one")

@@ -36,15 +36,30 @@ def config_errors(key: str) -> Iterator[None]:
         cause = cause_of(e)
         if isinstance(cause, InputError):
             raise cause from None
-        lines = str(cause).strip().splitlines()
-        raise InputError(f"{key}: {type(cause).__name__}: {lines[0] if lines else ''}: fix that {key} value "
+        raise InputError(f"{key}: {described(cause)}: fix that {key} value "
                          "(python train.py --help lists them)") from None
+
+
+def is_whole(value: object) -> bool:
+    """An int and not a bool: to Python True is 1, to a user of `steps=true` it is a mistake."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """An int or a float and not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def first_line(error: BaseException) -> str:
     """The first line of an error's message, or its type's name when the message is empty."""
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
+
+
+def described(error: BaseException) -> str:
+    """`Type: the first line of its message`, or the type alone for an empty message."""
+    name = type(error).__name__
+    return f"{name}: {first_line(error)}" if str(error).strip() else name
 
 
 def cause_of(error: BaseException) -> BaseException:

@@ -9,7 +9,6 @@ folder under outputs/evaluations/ (or --out), logs them to TensorBoard there, an
 import argparse
 import fnmatch
 import json
-import os
 from collections.abc import Callable
 from datetime import datetime
 from functools import partial
@@ -24,7 +23,7 @@ from torchmetrics.functional.classification import multiclass_accuracy, multicla
 
 from mnist_lab.augment import affine
 from mnist_lab.checkpoint import datamodule_for, load_checkpoint
-from mnist_lab.data import dataset_name, normalize
+from mnist_lab.data import dataset_name, default_data_dir, normalize
 from mnist_lab.errors import InputError, one_line_errors
 from mnist_lab.figures import confusion_figure, drawing, mistakes_figure, most_confident
 from mnist_lab.run_folder import ensure_writable
@@ -113,16 +112,22 @@ def default_out_dir(model_name: str) -> Path:
     return Path("outputs/evaluations") / datetime.now().strftime(f"%Y-%m-%d/%H-%M-%S.%f_{model_name.lower()}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's arguments (the docs' commands are checked against it)."""
     parser = argparse.ArgumentParser(description="Evaluate a checkpoint on the official test set.")
     parser.add_argument("--ckpt", required=True, type=Path, help="a .ckpt file that train.py wrote")
     parser.add_argument("--dataset", help="mnist or fashion_mnist (default: the checkpoint's own)")
-    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("MNIST_LAB_DATA", "data")),
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir(),
                         help="folder holding <Dataset>/raw/*-ubyte (default: $MNIST_LAB_DATA or ./data)")
     parser.add_argument("--robustness", action="store_true", help="also test on transposed, rotated, shifted, "
                         "scaled, noisy and inverted digits")
     parser.add_argument("--out", type=Path, help="output folder (default: a new one under outputs/evaluations)")
     parser.add_argument("--batch-size", type=int, default=1000)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")

@@ -9,14 +9,13 @@ dependencies: pip install -e ".[onnx]".
 """
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from mnist_lab.checkpoint import datamodule_for, load_checkpoint
-from mnist_lab.data import normalize
+from mnist_lab.data import default_data_dir, normalize
 from mnist_lab.errors import InputError, one_line_errors
 from mnist_lab.predict import OnnxClassifier, require
 from mnist_lab.run_folder import ensure_writable
@@ -47,14 +46,19 @@ def parity(model: torch.nn.Module, onnx_model: OnnxClassifier, images: torch.Ten
     return (onnx_model(x) - expected).abs().max().item()
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's arguments (the docs' commands are checked against it)."""
     parser = argparse.ArgumentParser(description="Export a checkpoint to ONNX and check it against PyTorch.")
     parser.add_argument("--ckpt", required=True, type=Path, help="a .ckpt file that train.py wrote")
     parser.add_argument("--format", choices=["onnx"], default="onnx")
     parser.add_argument("--out", required=True, type=Path, help="the file to write, e.g. model.onnx")
-    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("MNIST_LAB_DATA", "data")),
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir(),
                         help="folder holding <Dataset>/raw/*-ubyte, for the parity check (default: $MNIST_LAB_DATA or ./data)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     with one_line_errors():
         difference = run(args)
     if difference >= TOLERANCE:

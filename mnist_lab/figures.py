@@ -8,8 +8,8 @@ import torch
 from matplotlib.figure import Figure  # not pyplot: no backend, no global state, nothing to close
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-# Text drawn without hinting costs about a quarter less to draw (benchmarks/fixed_cost.py: test
-# figures, curves.png) and looks the same at these sizes. matplotlib reads it when a figure is drawn.
+# Text drawn without hinting costs less to draw (benchmarks/fixed_cost.py: the test figures and
+# curves.png) and looks the same at these sizes. matplotlib reads it when a figure is drawn.
 DRAWING = {"text.hinting": "none"}
 
 
@@ -22,8 +22,8 @@ TITLE_ROWS, GAP = 9, 3  # pixels of a digit grid's mosaic: above each digit for 
 
 
 def digit_grid(images: torch.Tensor, titles: list[str], columns: int = 8) -> Figure:
-    """A grid of (N, 1, H, W) images, each titled: one mosaic in one Axes (32 Axes took 0.5 s to
-    draw on a 2-core CPU, this a tenth of that)."""
+    """A grid of (N, 1, H, W) images, each titled: one mosaic in one Axes, which draws many times
+    faster than an Axes per digit."""
     n, _, height, width = images.shape
     rows = max(1, -(-n // columns))
     cell_h, cell_w = height + TITLE_ROWS, width + GAP  # a title band above each digit, a gap beside

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_lab.errors import InputError
+from mnist_lab.errors import InputError, is_number
 
 
 class LogSoftmaxNLL(nn.Module):
@@ -21,7 +21,7 @@ class LabelSmoothing(nn.CrossEntropyLoss):
     evenly (Szegedy et al. 2016): the model is not pushed to ever larger logits."""
 
     def __init__(self, smoothing: float = 0.1) -> None:
-        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
+        if not is_number(smoothing) or not 0 <= smoothing < 1:
             raise InputError(f"loss.smoothing must be in [0, 1), got {smoothing!r}: pass e.g. loss.smoothing=0.1")
         super().__init__(label_smoothing=float(smoothing))
         self.smoothing = float(smoothing)

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mnist_lab.data import normalize
-from mnist_lab.errors import InputError, one_line_errors
+from mnist_lab.data import MNIST_MEAN, MNIST_STD, normalize
+from mnist_lab.errors import InputError, first_line, one_line_errors
 
 FIELD, BOX = 28, 20  # MNIST: digits fit a 20 x 20 box inside a 28 x 28 image
 INK_THRESHOLD = 0.2  # of the brightest ink: what counts as digit when cropping
@@ -86,7 +86,7 @@ def load_image(source: Path | bytes) -> torch.Tensor:
     except UnidentifiedImageError:
         raise InputError("cannot read it as an image: not a format Pillow knows (PNG, JPEG, BMP, GIF, TIFF, ...)") from None
     except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:  # Pillow's other ways of failing
-        raise InputError(f"cannot read it as an image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise InputError(f"cannot read it as an image ({first_line(e)})") from None
 
 
 def as_mnist_batch(images: Any) -> torch.Tensor:
@@ -134,7 +134,7 @@ class OnnxClassifier:
         try:
             self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
-            raise InputError(f"{path} is not an ONNX model ONNX Runtime can load ({str(e).splitlines()[0][:200]})") from None
+            raise InputError(f"{path} is not an ONNX model ONNX Runtime can load ({first_line(e)[:200]})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         if "mnist_lab.mean" not in meta:
             raise InputError(f"{path} was not exported by mnist_lab (no normalization in its metadata): "
@@ -162,7 +162,7 @@ class Classifier:
             from mnist_lab.checkpoint import load_checkpoint
 
             self.model, data = load_checkpoint(path)
-            self.mean, self.std = data.get("mean", 0.1307), data.get("std", 0.3081)
+            self.mean, self.std = data.get("mean", MNIST_MEAN), data.get("std", MNIST_STD)
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
@@ -187,12 +187,17 @@ def predict(classifier: Classifier, paths: list[Path]) -> list[dict[str, Any]]:
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's arguments (the docs' commands are checked against it)."""
     parser = argparse.ArgumentParser(description="Classify image files with a trained checkpoint or ONNX file.")
     parser.add_argument("--ckpt", required=True, type=Path, help="a .ckpt file train.py wrote, or an .onnx export")
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     parser.add_argument("--json", action="store_true", help='print a JSON list of {"path", "digit", "probability", "probabilities"}')
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     with one_line_errors():
         results = predict(Classifier(args.ckpt), args.images)
     for result in results:

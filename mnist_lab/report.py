@@ -243,10 +243,15 @@ def _replaced(path: Path) -> Iterator[Path]:
     tmp.replace(path)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's arguments (the docs' commands are checked against it)."""
     parser = argparse.ArgumentParser(description="Write summary.csv, summary.md and summary.png for a sweep folder.")
     parser.add_argument("sweep_dir", type=Path)
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     with one_line_errors():
         path = write_report(args.sweep_dir)
     print(path.read_text(), end="")

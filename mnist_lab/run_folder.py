@@ -25,7 +25,7 @@ from typing import IO, Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_lab.errors import Diverged, InputError, first_line
+from mnist_lab.errors import Diverged, InputError, described, first_line
 
 CHECKPOINTS = Path("checkpoints")
 LAST_CHECKPOINT = CHECKPOINTS / "last.ckpt"
@@ -165,7 +165,7 @@ def record_failed(folder: Path, error: BaseException) -> str | None:
     refused = isinstance(error, InputError) and not isinstance(error, Diverged) and checkpoint is None
     resumable = not isinstance(error, Diverged) and not refused
     metrics = {k: v for k, v in read_metrics(folder).items() if k not in ("signal", "resume")}
-    metrics.update(status="failed", error=f"{type(error).__name__}: {first_line(error)}", resumable=resumable)
+    metrics.update(status="failed", error=described(error), resumable=resumable)
     if refused:
         metrics["refused"] = True
     if resumable and checkpoint is not None:
@@ -353,7 +353,7 @@ def resumed_sweep_argv(argv: Sequence[str]) -> list[str]:
         parsed = parser.parse_overrides(task + hydra)
     except Exception as e:  # noqa: BLE001  unreadable, not ours, or edited into nonsense
         raise InputError(f"resume={folder}: its command line ({folder / 'multirun.yaml'}) does not read: "
-                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+                         f"{first_line(e)}") from None
     hydra = [o for o in hydra if not o.startswith(("hydra.mode=", "hydra.sweep.dir="))]
     modules = trusted_modules()
     for override in parsed:
@@ -386,7 +386,7 @@ def resume_config(folder: Path, compose: Callable[[list[str]], DictConfig], trus
         cfg = compose(overrides)
     except Exception as e:  # noqa: BLE001  Hydra's errors for an override that no longer composes
         raise InputError(f"resume={folder}: its overrides ({folder / OVERRIDES_FILE}) no longer compose with conf/: "
-                         f"{str(e).splitlines()[0]}") from None
+                         f"{first_line(e)}") from None
     modules = trusted_modules()
     if untrusted := [t for t in targets(cfg) if t not in trusted and not is_trusted(t, modules)]:
         raise InputError(

@@ -18,7 +18,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from mnist_lab.callbacks import EpochTimer, Interrupted, TrainingState, skip_idle_step_hooks, stop_on_signals
 from mnist_lab.captured import CapturedSteps, check_capture
 from mnist_lab.checkpoint import read_checkpoint
-from mnist_lab.errors import InputError, config_errors
+from mnist_lab.errors import InputError, config_errors, is_whole
 from mnist_lab.figures import plot_curves
 from mnist_lab.hparams import hparams_of, log_hparams
 from mnist_lab.report import run_name
@@ -153,7 +153,7 @@ def check_config(cfg: DictConfig) -> None:
     """Refuse what no object checks for itself, before any work is done."""
     for key, low, example in (("seed", 0, 1), ("trainer.max_epochs", 1, 5), ("trainer.log_every_n_steps", 1, 50)):
         value = OmegaConf.select(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value < 2**32:
+        if not is_whole(value) or not low <= value < 2**32:
             raise InputError(f"{key} must be at least {low} (a whole number below 2**32), got {value!r}: "
                              f"pass e.g. {key}={example}")
     if not isinstance(cfg.compile, bool):

@@ -3,6 +3,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from mnist_lab.data import MNIST_MEAN, MNIST_STD, default_data_dir
 from tests.conftest import ARCHITECTURES, ROOT, run_train
 
 GROUPS = ["data", "augment", "model", "optimizer", "loss", "scheduler", "trainer", "logger", "callbacks", "experiment",
@@ -38,7 +39,8 @@ def test_defaults_are_the_tuned_ones(make_cfg):
     cfg = make_cfg()
     assert cfg.model._target_ == "mnist_lab.models.LeNet"
     assert (cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.val_size) == (64, 500, 5000)
-    assert (cfg.data.mean, cfg.data.std, cfg.seed) == (0.1307, 0.3081, 1)
+    assert (cfg.data.mean, cfg.data.std, cfg.seed) == (MNIST_MEAN, MNIST_STD, 1)  # the code's defaults, one source
+    assert cfg.data.data_dir == str(default_data_dir())
     assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.lr == 0.05
     assert cfg.scheduler.max_lr == cfg.optimizer.lr
     assert cfg.trainer.log_every_n_steps == 100

@@ -30,7 +30,7 @@ from hydra.types import HydraContext, TaskFunction
 from hydra_plugins.hydra_joblib_launcher._core import execute_job  # run_job in a worker, as joblib's launcher does
 from omegaconf import DictConfig
 
-from mnist_lab.errors import InputError, one_line_errors
+from mnist_lab.errors import InputError, is_whole, one_line_errors
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 class GpuLauncher(Launcher):
     def __init__(self, jobs_per_gpu: int, gpus: Sequence[int] | str = "auto") -> None:
         with one_line_errors():  # before any job; Hydra would wrap an exception in two paragraphs
-            if not isinstance(jobs_per_gpu, int) or isinstance(jobs_per_gpu, bool) or jobs_per_gpu < 1:
+            if not is_whole(jobs_per_gpu) or jobs_per_gpu < 1:
                 raise InputError(f"hydra.launcher.jobs_per_gpu={jobs_per_gpu}: jobs at once on each GPU must be a "
                                  "whole number >= 1")
             self.devices = visible_gpus(gpus)
@@ -98,7 +98,7 @@ def visible_gpus(gpus: Sequence[int] | str) -> list[str]:
         import torch  # CUDA that counting may start here is never inherited: workers are spawned
 
         return (names or [str(i) for i in range(torch.cuda.device_count())])[:torch.cuda.device_count()]
-    if isinstance(gpus, str) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in gpus):
+    if isinstance(gpus, str) or not all(is_whole(i) and i >= 0 for i in gpus):
         raise InputError(f"hydra.launcher.gpus={gpus}: give auto, or a list of GPU indices such as [0,1]")
     if names is not None and any(i >= len(names) for i in gpus):
         raise InputError(f"hydra.launcher.gpus={list(gpus)}: CUDA_VISIBLE_DEVICES={visible} leaves "

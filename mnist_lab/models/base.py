@@ -11,7 +11,7 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from mnist_lab.errors import Diverged, InputError, config_errors
+from mnist_lab.errors import Diverged, InputError, config_errors, is_number, is_whole
 
 if TYPE_CHECKING:
     from mnist_lab.captured import CapturedSteps
@@ -63,7 +63,7 @@ class ImageClassifier(pl.LightningModule):
                  loss: dict | None = None) -> None:
         super().__init__()
         lr = (optimizer or {}).get("lr", 1)
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        if not is_number(lr) or not lr > 0:
             raise InputError(f"optimizer.lr must be > 0, got {lr!r}: pass e.g. optimizer.lr=0.01")
         if not lr < torch.finfo(torch.float32).max:  # the optimizer's float32 state could not hold it
             raise InputError(f"optimizer.lr={lr} is beyond float32's range: pass e.g. optimizer.lr=0.01")
@@ -72,8 +72,8 @@ class ImageClassifier(pl.LightningModule):
         with config_errors("loss"):
             self.criterion: nn.Module = instantiate(loss or DEFAULT_LOSS)
         # Training accuracy is counted at the end of the epoch, from each step's predicted classes
-        # and labels: in the step, on a 2-core CPU, an argmax and an append take 8 us, a running
-        # count (compare, sum, two adds) 24 us, a torchmetrics update 100 us. None reads the device.
+        # and labels: an argmax and an append cost the step less than a running count or a
+        # torchmetrics update would (docs/speed.md, the cost of a training step), and none reads the device.
         self._train_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (predicted, labels) per step
         # (correct, seen) of the epoch's steps before those: a run resumed in the middle of an epoch
         self.register_buffer("train_counts", torch.zeros(2, dtype=torch.long), persistent=False)
@@ -124,7 +124,7 @@ class ImageClassifier(pl.LightningModule):
         losses.total, losses.steps, losses.last = losses.total + value, losses.steps + 1, value
         if logging_step:
             # Straight to the loggers, at the step Lightning would use. Through self.log, the key
-            # would join Lightning's results, which it goes through at every step: 30 us a step here.
+            # would join Lightning's results, which it goes through at every step, logged or not.
             for logger in self.loggers:
                 logger.log_metrics({"train/loss": value}, step=self.global_step)
 
@@ -211,7 +211,7 @@ class ImageClassifier(pl.LightningModule):
             if key in scheduler and scheduler[key] is None:
                 scheduler[key] = int(length)
         for key in (*SCHEDULE_LENGTH_ARGS, "step_size"):  # PyTorch divides by them only when it steps
-            if key in scheduler and (isinstance(scheduler[key], bool) or not isinstance(scheduler[key], int)
+            if key in scheduler and (not is_whole(scheduler[key])
                                      or scheduler[key] < 1):
                 raise InputError(f"scheduler.{key} must be a positive integer, got {scheduler[key]!r}: "
                                  f"pass e.g. scheduler.{key}=10, or leave it out")
