@@ -4,9 +4,6 @@
     run = mnist_lab.fit("model=lenet", "trainer.max_epochs=5")
 """
 
-# Registers the resolvers that conf/train.yaml uses, so that the config composes wherever any part
-# of mnist_lab is imported.
-from mnist_lab import run_folder  # noqa: F401
 from mnist_lab.api import Run, RunInterrupted, Sweep, fit, load, sweep
 from mnist_lab.errors import InputError
 

@@ -29,13 +29,19 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from mnist_lab.data import default_data_dir
 from mnist_lab.errors import InputError, first_line
-from mnist_lab.run_folder import CONF_DIR, CONFIG_FILE, METRICS_FILE, read_metrics, release_locks, resumed_sweep_argv
+from mnist_lab.resolvers import register as register_resolvers
+from mnist_lab.resume import resumed_sweep_argv
+from mnist_lab.run_folder import CONF_DIR, CONFIG_FILE, METRICS_FILE, read_metrics, release_locks
 
 if TYPE_CHECKING:
     import torch
     from matplotlib.figure import Figure
 
 __all__ = ["Run", "RunInterrupted", "Sweep", "fit", "load", "main", "sweep"]
+
+# conf/train.yaml's resolvers, before Hydra composes it here or in a launcher's worker process,
+# which imports this module to run the app.
+register_resolvers()
 
 
 class RunInterrupted(KeyboardInterrupt):

@@ -24,10 +24,12 @@ from pytorch_lightning.utilities import rank_zero_only
 from mnist_lab.callbacks import Interrupted, OptunaPruning
 from mnist_lab.errors import InputError, cause_of, described
 from mnist_lab.report import load_jobs, recorded_sweep_keys, sweep_keys, write_report
+from mnist_lab.resume import (
+    check_resume_command, check_run_folder, check_sweep_folder, earlier_attempt, record_failed, resume_checkpoint,
+    resume_config,
+)
 from mnist_lab.run_folder import (
-    LAST_CHECKPOINT, SWEEP_FILE, check_resume_command, check_run_folder, check_sweep_folder, claim, ensure_writable,
-    earlier_attempt, in_sweep, record_failed, record_pruned, resume_checkpoint, resume_command, resume_config,
-    study_storage,
+    LAST_CHECKPOINT, SWEEP_FILE, claim, ensure_writable, in_sweep, record_pruned, resume_command, study_storage,
 )
 from mnist_lab.train import run
 

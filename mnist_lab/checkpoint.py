@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from mnist_lab.data import MNIST_MEAN, MNIST_STD, MNISTDataModule
 from mnist_lab.errors import InputError, first_line
 from mnist_lab.models import ImageClassifier
-from mnist_lab.run_folder import is_trusted, targets
+from mnist_lab.trust import is_trusted, targets
 
 HINT = "pass a .ckpt file from a run folder's checkpoints/, e.g. --ckpt outputs/runs/<date>/<time>_lenet/checkpoints/last.ckpt"
 SLACK_BYTES = 1 << 20  # a model may hold this much beyond its weights (metric states, buffers not saved)

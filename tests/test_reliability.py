@@ -16,7 +16,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mnist_lab.data import BatchIndices
 from mnist_lab.errors import InputError
-from mnist_lab.run_folder import check_resume_command, claim
+from mnist_lab.resume import check_resume_command
+from mnist_lab.run_folder import claim
 from mnist_lab.app import check_multirun_strategy
 from tests.conftest import ROOT, run_train, smoke_overrides
 

@@ -19,10 +19,9 @@ from omegaconf import OmegaConf
 from mnist_lab.callbacks import TrainingState
 from mnist_lab.checkpoint import read_checkpoint
 from mnist_lab.errors import InputError
-from mnist_lab.run_folder import (
-    check_resume_command, check_resumable, foreign_file, is_trusted, record_failed, resume_command, resume_config,
-    trusted_modules,
-)
+from mnist_lab.resume import check_resume_command, check_resumable, record_failed, resume_config, resumed_sweep_argv
+from mnist_lab.run_folder import foreign_file, resume_command
+from mnist_lab.trust import is_trusted, trusted_modules
 from tests.conftest import ROOT, run_train, smoke_overrides
 from tests.test_reliability import single_error
 
@@ -294,8 +293,6 @@ def test_a_sweep_killed_halfway_goes_on_with_resume_and_reports_the_same_best_jo
 ])
 def test_a_sweep_folder_cannot_run_code_through_resume(edit, refused, tmp_path):
     import yaml
-
-    from mnist_lab.run_folder import resumed_sweep_argv
 
     sweep = tmp_path / "sweep"
     sweep.mkdir()
