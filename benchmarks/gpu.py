@@ -19,7 +19,6 @@ code on the CPU, to check the script where there is no GPU.
 import argparse
 import itertools
 import logging
-import os
 import statistics
 import tempfile
 import time

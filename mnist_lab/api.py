@@ -198,14 +198,14 @@ class Sweep:
     @property
     def jobs(self) -> list[dict[str, Any]]:
         """One dict per job: its number, overrides, status and metrics (summary.csv's rows)."""
-        from mnist_lab.report import load_jobs
+        from mnist_lab.sweep_folder import load_jobs
 
         return load_jobs(self.folder)
 
     @property
     def best(self) -> Run | None:
         """The finished job with the best val/acc, or None."""
-        from mnist_lab.report import best_job
+        from mnist_lab.sweep_folder import best_job
 
         best = best_job(self.jobs)
         return Run(self.folder / best["job"]) if best else None

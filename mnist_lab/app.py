@@ -2,7 +2,6 @@
 folders before Hydra writes into them, the sweep report after every job, and how jobs share a
 machine."""
 
-import json
 import logging
 import math
 import os
@@ -23,14 +22,15 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from mnist_lab.callbacks import Interrupted, OptunaPruning
 from mnist_lab.errors import InputError, cause_of, described
-from mnist_lab.report import load_jobs, recorded_sweep_keys, sweep_keys, write_report
+from mnist_lab.report import write_report
 from mnist_lab.resume import (
     check_resume_command, check_run_folder, check_sweep_folder, earlier_attempt, record_failed, resume_checkpoint,
     resume_config,
 )
 from mnist_lab.run_folder import (
-    LAST_CHECKPOINT, SWEEP_FILE, claim, ensure_writable, in_sweep, record_pruned, resume_command, study_storage,
+    LAST_CHECKPOINT, claim, ensure_writable, record_pruned, resume_command, study_storage,
 )
+from mnist_lab.sweep_folder import in_sweep, load_jobs, record_sweep_keys, recorded_sweep_keys
 from mnist_lab.train import run
 
 log = logging.getLogger(__name__)
@@ -173,9 +173,7 @@ class SweepReport(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global sweep_started
-        sweep_dir = sweep_started = Path(config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / SWEEP_FILE).write_text(json.dumps({"swept": sweep_keys(config)}, indent=2) + "\n")
+        sweep_started = record_sweep_keys(config)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode == RunMode.MULTIRUN:

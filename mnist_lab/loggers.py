@@ -24,7 +24,8 @@ from pytorch_lightning.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoa
 
 from mnist_lab.errors import InputError, config_errors
 from mnist_lab.figures import drawing
-from mnist_lab.run_folder import MLFLOW_ARTIFACTS, MLFLOW_STORE, in_sweep
+from mnist_lab.run_folder import MLFLOW_ARTIFACTS, MLFLOW_STORE
+from mnist_lab.sweep_folder import in_sweep
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ so a sweep that stops early, or has failing jobs, still gets one.
 import argparse
 import csv
 import io
-import json
 import math
 import os
 import statistics
@@ -19,36 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from matplotlib.figure import Figure  # not pyplot: no backend, no global state
-from omegaconf import DictConfig, OmegaConf
 
 from mnist_lab.errors import InputError, one_line_errors
-from mnist_lab.run_folder import METRICS_FILE, SWEEP_FILE, read_metrics
+from mnist_lab.sweep_folder import METRICS, best_job, compact, load_jobs, recorded_sweep_keys
 
-METRICS = ("val/acc", "test/acc")
-
-
-def load_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One dict per job folder: its overrides (key -> value text) and its metrics.json. A job whose
-    files do not read is listed as failed, saying which file; the others are unaffected."""
-    jobs = []
-    for overrides_file in sweep_dir.glob("*/.hydra/overrides.yaml"):
-        job_dir = overrides_file.parent.parent
-        try:
-            # "key=value", "+key=value" (added) or "~key" (deleted, no value)
-            overrides = {key: value for key, _, value in (str(o).lstrip("+~").partition("=")
-                                                          for o in OmegaConf.load(overrides_file))}
-        except Exception:  # noqa: BLE001  YAML or OmegaConf errors: this job alone
-            jobs.append({"job": job_dir.name, "overrides": {}, "status": "failed", "error": f"cannot read {overrides_file}"})
-            continue
-        metrics = read_metrics(job_dir)
-        if not (job_dir / METRICS_FILE).exists():
-            metrics = {"status": "running"}
-        elif not all(isinstance(metrics.get(m, 0.0), (int, float)) for m in METRICS) or "status" not in metrics:
-            metrics = {"status": "failed", "error": f"cannot read {job_dir / METRICS_FILE}"}
-        jobs.append({"job": job_dir.name, "overrides": overrides, **metrics})
-    return sorted(jobs, key=lambda job: (0, int(job["job"])) if job["job"].isdigit() else (1, job["job"]))  # 2 before 10
 
 
 def swept_keys(jobs: list[dict[str, Any]], declared: list[str] = ()) -> list[str]:
@@ -59,11 +33,6 @@ def swept_keys(jobs: list[dict[str, Any]], declared: list[str] = ()) -> list[str
                                *(k for k in keys if len({job["overrides"].get(k) for job in jobs}) > 1)]))
 
 
-def best_job(jobs: list[dict[str, Any]]) -> dict[str, Any] | None:
-    ok = [job for job in jobs if job.get("status") == "ok"]
-    return max(ok, key=lambda job: job["val/acc"]) if ok else None
-
-
 def by_configuration(jobs: list[dict[str, Any]], keys: list[str]) -> dict[tuple, list[dict[str, Any]]]:
     """Successful jobs grouped by their values of `keys` (the swept keys other than seed)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
@@ -71,39 +40,6 @@ def by_configuration(jobs: list[dict[str, Any]], keys: list[str]) -> dict[tuple,
         if job.get("status") == "ok":
             groups.setdefault(tuple(job["overrides"].get(k) for k in keys), []).append(job)
     return groups
-
-
-def sweep_keys(config: DictConfig) -> list[str]:
-    """The keys a multirun sweeps: those of hydra.sweeper.params (sweep=grid, sweep=optuna) and of
-    command-line overrides with several values (a,b  range(...)  choice(...)  interval(...)),
-    a later fixed value on the command line winning over a swept one in the config."""
-    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-    texts = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
-    last = {o.key_or_group: o for o in OverridesParser.create().parse_overrides(texts)}
-    return [key for key, override in last.items() if override.is_sweep_override()]
-
-
-def run_name(swept: list[str], job_overrides: list[str]) -> str:
-    """A short name for one job from its values of the swept keys: "lr=0.0123,batch_size=64"."""
-    values = {key: value for key, _, value in (o.lstrip("+~").partition("=") for o in job_overrides)}
-    short = [key.rsplit(".", 1)[-1] for key in swept]
-    names = [s if short.count(s) == 1 else key for s, key in zip(short, swept, strict=True)]
-    return ",".join(f"{name}={_compact(values.get(key, ''))}" for name, key in zip(names, swept, strict=True)).replace("/", "_")
-
-
-def recorded_sweep_keys(sweep_dir: str | Path) -> list[str]:
-    """The swept keys SweepReport recorded when the multirun started; none if it did not."""
-    path = Path(sweep_dir) / SWEEP_FILE
-    return json.loads(path.read_text())["swept"] if path.exists() else []
-
-
-def _compact(value: str) -> str:
-    """Optuna's 0.012345678901 as 0.0123; other values unchanged."""
-    try:
-        number = float(value)
-    except ValueError:
-        return value
-    return value if value.lstrip("-").isdigit() else f"{number:.3g}"
 
 
 def mean_std(values: list[float]) -> str:
@@ -137,13 +73,13 @@ def markdown(sweep_dir: Path, jobs: list[dict[str, Any]], keys: list[str], best:
         elif status == "pruned":
             status = f"pruned at epoch {job.get('pruned_at_epoch', '?')}"
         marker = " **best**" if job is best else ""
-        values = [_compact(job["overrides"].get(k, "")) for k in keys] + [status]
+        values = [compact(job["overrides"].get(k, "")) for k in keys] + [status]
         values += [f"{job[m]:.4f}" if m in job else "" for m in METRICS]
         values += [job.get("epochs", ""), f"{job['fit_time_s']:.1f}" if "fit_time_s" in job else ""]
         lines.append(f"| {job['job']}{marker} | " + " | ".join(map(str, values)) + " |")
     lines.append("")
     if best:
-        setting = " ".join(f"{k}={_compact(best['overrides'].get(k, ''))}" for k in keys)
+        setting = " ".join(f"{k}={compact(best['overrides'].get(k, ''))}" for k in keys)
         lines += [f"Best by val/acc: job {best['job']} ({setting}): val/acc {best['val/acc']:.4f}, "
                   f"test/acc {best['test/acc']:.4f}. The test set is reported, never used to choose.", ""]
     if "seed" in keys:
@@ -175,8 +111,8 @@ def plot(path: Path, jobs: list[dict[str, Any]], keys: list[str]) -> None:
         rows, cols = (sorted({v[i] for v in groups}, key=_numeric_first) for i in (0, 1))
         grid = [[groups.get((r, c), float("nan")) for c in cols] for r in rows]
         image = ax.imshow(grid, cmap="viridis", aspect="auto")
-        ax.set(xticks=range(len(cols)), xticklabels=[_compact(c) for c in cols], yticks=range(len(rows)),
-               yticklabels=[_compact(r) for r in rows], xlabel=params[1], ylabel=params[0], title="val/acc")
+        ax.set(xticks=range(len(cols)), xticklabels=[compact(c) for c in cols], yticks=range(len(rows)),
+               yticklabels=[compact(r) for r in rows], xlabel=params[1], ylabel=params[0], title="val/acc")
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
                 failed = math.isnan(value)
@@ -195,7 +131,7 @@ def plot(path: Path, jobs: list[dict[str, Any]], keys: list[str]) -> None:
             ax.set_ylim(max(0.0, _lower_limit(values)), 1.0)
         ax.legend(loc="best")
     else:
-        labels = [" ".join(f"{k}={_compact(v)}" for k, v in zip(params, values, strict=True)) or "run"
+        labels = [" ".join(f"{k}={compact(v)}" for k, v in zip(params, values, strict=True)) or "run"
                   for values in groups]
         ax.barh(labels, list(groups.values()))
         ax.set(xlabel="val/acc", title="val/acc by configuration (failed jobs left out)")

@@ -169,11 +169,6 @@ def write_metrics(folder: Path, metrics: dict[str, Any]) -> None:
         partial.unlink(missing_ok=True)
 
 
-def in_sweep(folder: Path) -> bool:
-    """Whether `folder` is a job's folder in a sweep (its sweep folder holds the sweep's sweep.json)."""
-    return (folder.parent / SWEEP_FILE).is_file()
-
-
 def study_storage(storage: str | None, sweep_dir: Path) -> str:
     """An Optuna sweep's study: `storage` (hydra.sweeper.storage), or SQLite in the sweep folder."""
     return storage or f"sqlite:///{(sweep_dir / STUDY_FILE).resolve()}"

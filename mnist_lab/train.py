@@ -21,7 +21,7 @@ from mnist_lab.checkpoint import read_checkpoint
 from mnist_lab.errors import InputError, config_errors, is_whole
 from mnist_lab.figures import plot_curves
 from mnist_lab.hparams import hparams_of, log_hparams
-from mnist_lab.report import run_name
+from mnist_lab.sweep_folder import run_name
 from mnist_lab.loggers import build_loggers, finish_loggers, forget_after
 from mnist_lab.run_folder import LAST_CHECKPOINT, METRICS_FILE, ensure_writable, record_finished, record_interrupted
 

@@ -3,7 +3,6 @@ README.md and docs/ show is composed by Hydra or parsed by its module's argument
 every Python block runs. A command or option that no longer exists fails here."""
 
 import importlib
-import os
 import re
 import shlex
 import shutil

@@ -11,7 +11,8 @@ import yaml
 
 from mnist_lab.errors import InputError
 from mnist_lab.app import SweepReport
-from mnist_lab.report import run_name, sweep_keys, write_report
+from mnist_lab.report import write_report
+from mnist_lab.sweep_folder import run_name, sweep_keys
 from mnist_lab.train import run
 from tests.conftest import ARCHITECTURES, ROOT, run_train, smoke_overrides
 
