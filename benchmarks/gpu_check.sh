@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of README's Speed section and of hydra/launcher=gpus (Sweeps), in one run on a
+# The GPU figures of docs/speed.md and of hydra/launcher=gpus (docs/sweeps.md), in one run on a
 # lent GPU machine (about 7 minutes on an H100/H200). From this machine, after `bash benchmarks/gpu_check.sh --prepare` once:
 #
 #   device run, carry [".whl", ".gpu-data"], timeout_s 600, command:

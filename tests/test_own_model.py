@@ -1,4 +1,4 @@
-"""README's "Add your own model", executed exactly as written, in a copy of the project: the model
+"""docs/own-model.md's "Add your own model", executed exactly as written, in a copy of the project: the model
 trains, resumes after SIGKILL and SIGTERM with the plain resume=, sweeps with -m and with
 sweep=optuna, and its checkpoint goes through evaluate and predict (issue 18)."""
 
@@ -21,21 +21,21 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
-def readme_files() -> dict[str, str]:
-    """README's fenced blocks that begin with `# <path>`: {path: the block as the reader copies it}."""
-    blocks = re.findall(r"```(?:python|yaml)\n# (\S+)\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+def page_files() -> dict[str, str]:
+    """docs/own-model.md's fenced blocks that begin with `# <path>`: {path: the block as the reader copies it}."""
+    blocks = re.findall(r"```(?:python|yaml)\n# (\S+)\n(.*?)```", (ROOT / "docs" / "own-model.md").read_text(), re.S)
     return {path: body for path, body in blocks}
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """A copy of the checkout with README's model added as the reader would add it."""
+    """A copy of the checkout with the page's model added as the reader would add it."""
     copy = tmp_path_factory.mktemp("checkout")
     ignore = shutil.ignore_patterns("__pycache__")
     for part in ("mnist_lab", "conf", "hydra_plugins"):
         shutil.copytree(ROOT / part, copy / part, symlinks=True, ignore=ignore)
     shutil.copy(ROOT / "train.py", copy)
-    files = readme_files()
+    files = page_files()
     assert {"mnist_lab/models/tiny.py", "conf/model/tiny.yaml"} <= files.keys(), files.keys()
     for path, text in files.items():
         (copy / path).write_text(text)
@@ -54,7 +54,7 @@ def start_in(project: Path, *args: str) -> subprocess.Popen:
 
 
 def short(data_dir: Path, *extra: str) -> list[str]:
-    """README's model on the real MNIST, with short epochs and no figures."""
+    """The page's model on the real MNIST, with short epochs and no figures."""
     return [f"data.data_dir={data_dir}", "data.download=false", "model=tiny", "model.width=32", "trainer=cpu",
             "+trainer.limit_train_batches=30", "data.val_size=1000", "+trainer.limit_test_batches=2",
             "callbacks.test_figures=null", "callbacks.progress_bar=null", "+trainer.enable_progress_bar=false", *extra]
@@ -70,7 +70,7 @@ def signal_after_checkpoint(process: subprocess.Popen, checkpoint: Path, signum:
     return process.communicate(timeout=120)[0]
 
 
-def test_readme_model_trains_stops_resumes_and_is_evaluated_and_predicted(project, real_data_dir, tmp_path):
+def test_own_model_trains_stops_resumes_and_is_evaluated_and_predicted(project, real_data_dir, tmp_path):
     run = tmp_path / "run"
     last = run / "checkpoints" / "last.ckpt"
     first = start_in(project, "train.py", *short(real_data_dir, "trainer.max_epochs=40"), f"hydra.run.dir={run}")
@@ -102,7 +102,7 @@ def test_readme_model_trains_stops_resumes_and_is_evaluated_and_predicted(projec
     assert json.loads(predicted.stdout)[0]["digit"] == 7  # the test set's first digit
 
 
-def test_readme_model_sweeps_on_a_grid_and_with_optuna(project, real_data_dir, tmp_path):
+def test_own_model_sweeps_on_a_grid_and_with_optuna(project, real_data_dir, tmp_path):
     grid = run_in(project, "train.py", "-m", *short(real_data_dir, "trainer.max_epochs=1", "optimizer.lr=0.05,0.1"),
                   f"hydra.sweep.dir={tmp_path / 'grid'}")
     assert grid.returncode == 0, grid.stderr
