@@ -6,6 +6,8 @@ import importlib
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,13 @@ def test_every_python_block_runs(page, synthetic_dir, tmp_path, monkeypatch):
     for language, block in blocks(page):
         if language == "python" and not re.match(r"# \S+\n", block):
             exec(compile(block, f"{page.name} block", "exec"), namespace)  # noqa: S102  the docs' own code
+
+
+@pytest.mark.slow
+def test_the_docs_site_builds_in_strict_mode(tmp_path):
+    """mkdocs.yml's site, as `mkdocs build --strict` builds it: a broken link or anchor, or a page
+    left out of the navigation, fails."""
+    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (tmp_path / "site" / "design" / "index.html").is_file()
