@@ -2,7 +2,7 @@
 
     python benchmarks/epoch_time.py [--epochs 5] [--data-dir DIR] [OVERRIDE ...]
 
-(a) mnist_lab: `mnist_lab.train.run` with the default config (progress bar, TensorBoard logger,
+(a) mnist_lab: `mnist_lab.recipe.run` with the default config (progress bar, TensorBoard logger,
     checkpoints, LR monitor), LeNet-5 unless an OVERRIDE says otherwise, on the CPU.
 (b) plain PyTorch: the same model, optimizer and OneCycle schedule in a bare loop over the same
     in-memory uint8 tensors, normalized per batch as mnist_lab does.
@@ -44,7 +44,7 @@ from hydra.utils import instantiate
 from torchvision import datasets, transforms
 
 from mnist_lab.data import MNIST_MEAN, MNIST_STD, default_data_dir
-from mnist_lab.train import run
+from mnist_lab.recipe import run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

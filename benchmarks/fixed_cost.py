@@ -50,8 +50,8 @@ PROBES = [
     ("pytorch_lightning.trainer.connectors.checkpoint_connector", "_CheckpointConnector.resume_start",
      "load the best checkpoint for test"),
     ("mnist_lab.callbacks", "TestFigures.on_test_epoch_end", "test figures (TensorBoard images)"),
-    ("mnist_lab.train", "log_hparams", "HPARAMS"),
-    ("mnist_lab.train", "plot_curves", "curves.png"),
+    ("mnist_lab.recipe", "log_hparams", "HPARAMS"),
+    ("mnist_lab.recipe", "plot_curves", "curves.png"),
 ]
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/gpu.py [--epochs 5] [--data-dir DIR] [--device cuda] [OVERRIDE ...]
 
-(a) mnist_lab: `mnist_lab.train.run` with trainer=gpu and data.on_device=true (batches are
+(a) mnist_lab: `mnist_lab.recipe.run` with trainer=gpu and data.on_device=true (batches are
     index_selects on the GPU), the default callbacks and logger, plus any Hydra OVERRIDEs
     (e.g. data.batch_size=512 optimizer.lr=0.2, or compile=true for the captured step).
 (b) plain PyTorch: the same LeNet, optimizer and OneCycle schedule in a bare, eager loop over
@@ -33,7 +33,7 @@ from hydra.utils import instantiate
 
 from epoch_time import test_accuracy, time_to  # the CPU benchmark beside this file
 from mnist_lab.data import BatchIndices, default_data_dir
-from mnist_lab.train import run
+from mnist_lab.recipe import run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -55,7 +55,7 @@ class RunInterrupted(KeyboardInterrupt):
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _app(cfg: DictConfig) -> float:
-    from mnist_lab.app import job  # torch and Lightning take seconds: --help and a typo answer before
+    from mnist_lab.jobs import job  # torch and Lightning take seconds: --help and a typo answer before
 
     return job(cfg)
 
@@ -86,16 +86,16 @@ def sweep(*overrides: str, out_dir: str | Path | None = None) -> "Sweep":
     with its report; failed jobs are listed in `.jobs` (the command line exits non-zero)."""
     argv = ["-m", *(o for o in overrides if o not in ("-m", "--multirun")),
             *([f"hydra.sweep.dir={_quoted(out_dir)}"] if out_dir is not None else [])]
-    from mnist_lab import app
+    from mnist_lab import jobs
 
     try:
         _started(argv)
     except InputError:
-        if app.sweep_started is None or not (app.sweep_started / "summary.md").is_file():
+        if jobs.sweep_started is None or not (jobs.sweep_started / "summary.md").is_file():
             raise  # refused before any job: nothing to show
-    if app.sweep_started is None:
+    if jobs.sweep_started is None:
         raise InputError(f"no sweep was started by sweep{tuple(overrides)}")
-    return Sweep(app.sweep_started)
+    return Sweep(jobs.sweep_started)
 
 
 def load(path: str | Path) -> "Run":
@@ -214,22 +214,22 @@ class Sweep:
 def _started(argv: list[str]) -> list[Path]:
     """The run folders that `python train.py ARGV`, run here, started; Python's exceptions for its
     exits: InputError for bad input, RunInterrupted for a stop."""
-    from mnist_lab import app
+    from mnist_lab import jobs
 
-    app.runs_started.clear()
-    app.sweep_started = None
+    jobs.runs_started.clear()
+    jobs.sweep_started = None
     try:
         _hydra(argv)
     except SystemExit as e:
         if e.code in (130, 143):  # a stop: the job has printed how to go on
-            if app.sweep_started is not None:
-                raise RunInterrupted(app.sweep_started, e.code, "sweep") from None
-            raise RunInterrupted(app.runs_started[-1] if app.runs_started else None, e.code) from None
+            if jobs.sweep_started is not None:
+                raise RunInterrupted(jobs.sweep_started, e.code, "sweep") from None
+            raise RunInterrupted(jobs.runs_started[-1] if jobs.runs_started else None, e.code) from None
         if isinstance(e.code, str):
             raise InputError(e.code.removeprefix("Error: ")) from None
         if e.code not in (None, 0):
             raise InputError(f"stopped with exit status {e.code}: see the lines above") from None
-    return list(app.runs_started)
+    return list(jobs.runs_started)
 
 
 def _hydra(argv: list[str]) -> None:

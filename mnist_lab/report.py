@@ -3,7 +3,7 @@
     python -m mnist_lab.report <sweep folder>
 
 writes summary.csv, summary.md and summary.png into the folder. The Hydra callback
-`mnist_lab.app.SweepReport` (on in conf/train.yaml) writes the report after every job of a sweep,
+`mnist_lab.jobs.SweepReport` (on in conf/train.yaml) writes the report after every job of a sweep,
 so a sweep that stops early, or has failing jobs, still gets one.
 """
 

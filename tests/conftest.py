@@ -127,7 +127,7 @@ def real_checkpoint(real_data_dir, tmp_path_factory) -> tuple[Path, dict]:
     checkpoint and the run's metrics.json."""
     import json
 
-    from mnist_lab.train import run
+    from mnist_lab.recipe import run
 
     out_dir = tmp_path_factory.mktemp("lenet")
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):

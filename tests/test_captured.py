@@ -15,7 +15,7 @@ from mnist_lab.captured import CapturedSteps, check_capture
 from mnist_lab.data import BatchIndices, normalize
 from mnist_lab.errors import InputError
 from mnist_lab.models import LeNet
-from mnist_lab.train import run
+from mnist_lab.recipe import run
 from tests.conftest import compose_train, smoke_overrides
 
 # 200 training images (300, less 100 for validation): 6 full batches of 32 and a partial one of 8.

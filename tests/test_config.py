@@ -19,7 +19,7 @@ def test_every_group_has_options():
 def test_every_option_composes_and_builds(group, option, make_cfg, synthetic_dir, tmp_path):
     cfg = make_cfg(f"{group}={option}", f"data.data_dir={synthetic_dir}")
     OmegaConf.resolve(cfg)  # every interpolation resolves
-    instantiate(cfg.data, _recursive_=False, _convert_="all")  # as mnist_lab.train.run does
+    instantiate(cfg.data, _recursive_=False, _convert_="all")  # as mnist_lab.recipe.run does
     model = instantiate(cfg.model, optimizer=cfg.optimizer, scheduler=cfg.scheduler, loss=cfg.loss, _recursive_=False,
                         _convert_="all")
     assert isinstance(model.hparams.optimizer, dict) and isinstance(model.hparams.scheduler, dict)

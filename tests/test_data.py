@@ -244,7 +244,7 @@ def damage(raw: Path, fault: str) -> str:
 
 @pytest.mark.parametrize("fault", ["magic", "label", "checksum"])
 def test_a_bad_test_file_is_found_before_the_first_step(fault, fresh_data_dir, request, make_cfg, tmp_path):
-    from mnist_lab.train import run
+    from mnist_lab.recipe import run
     from tests.conftest import smoke_overrides
 
     data_dir = request.getfixturevalue("real_copy") if fault == "checksum" else fresh_data_dir

@@ -18,7 +18,7 @@ from mnist_lab.data import BatchIndices
 from mnist_lab.errors import InputError
 from mnist_lab.resume import check_resume_command
 from mnist_lab.run_folder import claim
-from mnist_lab.app import check_multirun_strategy
+from mnist_lab.jobs import check_multirun_strategy
 from tests.conftest import ROOT, run_train, smoke_overrides
 
 BATCHES = 40  # training batches per epoch in the signal tests: about 2 s of the CNN per epoch

@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from mnist_lab.errors import InputError
-from mnist_lab.app import SweepReport
+from mnist_lab.jobs import SweepReport
 from mnist_lab.report import write_report
 from mnist_lab.sweep_folder import run_name, sweep_keys
-from mnist_lab.train import run
+from mnist_lab.recipe import run
 from tests.conftest import ARCHITECTURES, ROOT, run_train, smoke_overrides
 
 
@@ -278,7 +278,7 @@ def test_submitit_jobs_use_the_cpus_they_were_given():
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from mnist_lab.app import threads_per_job
+    from mnist_lab.jobs import threads_per_job
 
     assert threads_per_job(OmegaConf.create({"mode": RunMode.MULTIRUN, "launcher": {"cpus_per_task": 3}})) == 3
     assert threads_per_job(OmegaConf.create({"mode": RunMode.RUN, "launcher": {"cpus_per_task": 3}})) is None
@@ -289,7 +289,7 @@ def test_parallel_jobs_share_the_cores(n_jobs, cores, expected, monkeypatch):
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from mnist_lab.app import threads_per_job
+    from mnist_lab.jobs import threads_per_job
 
     monkeypatch.setattr("os.cpu_count", lambda: cores)
     hydra_cfg = OmegaConf.create({"mode": RunMode.MULTIRUN, "launcher": {"n_jobs": n_jobs}})

@@ -30,7 +30,7 @@ KILLER = "tests.callbacks.KillAtEpoch"
 
 @pytest.fixture(scope="module")
 def finished_run(synthetic_dir, tmp_path_factory) -> Path:
-    from mnist_lab.train import run
+    from mnist_lab.recipe import run
 
     run_dir = tmp_path_factory.mktemp("finished")
     overrides = smoke_overrides(synthetic_dir, "model=softmax")
@@ -86,7 +86,7 @@ def test_trusted_modules_are_the_modules_conf_names():
     targets = conf_targets()
     assert all(is_trusted(t) for t in targets), [t for t in targets if not is_trusted(t)]
     assert {t.rpartition(".")[0] for t in targets} == trusted_modules()
-    assert "mnist_lab.app" not in trusted_modules()  # conf/train.yaml's Hydra callbacks are no run's to build
+    assert "mnist_lab.jobs" not in trusted_modules()  # conf/train.yaml's Hydra callbacks are no run's to build
 
 
 def test_trust_follows_what_conf_names_when_asked(tmp_path):
@@ -237,7 +237,7 @@ def test_the_resume_command_survives_a_path_with_spaces(tmp_path):
 
 def test_a_resumed_checkpoint_that_does_not_fit_the_model_is_refused(finished_run, tmp_path):
     from mnist_lab.models import LeNet
-    from mnist_lab.train import logger_run
+    from mnist_lab.recipe import logger_run
 
     with pytest.raises(InputError, match="does not hold this run's LeNet"):
         logger_run(tmp_path, [], [], finished_run / "checkpoints" / "last.ckpt", LeNet())

@@ -16,7 +16,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from hydra.utils import get_class
 
 from mnist_lab.errors import InputError
-from mnist_lab.train import run
+from mnist_lab.recipe import run
 from tests.conftest import ARCHITECTURES, ROOT, compose_train, run_train, run_train_together, smoke_overrides
 
 MODELS = {name: get_class(compose_train(f"model={name}").model._target_) for name in ARCHITECTURES}

@@ -81,7 +81,7 @@ class ImageClassifier(pl.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
-        self.captured: CapturedSteps | None = None  # compile=true: set by mnist_lab.train.run
+        self.captured: CapturedSteps | None = None  # compile=true: set by mnist_lab.recipe.run
         self.losses = HostLosses()  # for the epoch line (mnist_lab.callbacks.EpochLog) and the progress bar
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

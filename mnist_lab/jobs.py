@@ -1,6 +1,7 @@
-"""Everything that talks to Hydra's runtime: train.py's job, the checks of the run and sweep
-folders before Hydra writes into them, the sweep report after every job, and how jobs share a
-machine."""
+"""The jobs Hydra runs: `job(cfg)`, one run or one job of a sweep in its folder (resumed, kept
+from an earlier attempt or trained by mnist_lab.recipe, its failure recorded), the Hydra
+callbacks that check the run and sweep folders before Hydra writes into them (CheckOutputDir)
+and write the sweep report after every job (SweepReport), and how jobs share a machine."""
 
 import logging
 import math
@@ -31,7 +32,7 @@ from mnist_lab.run_folder import (
     LAST_CHECKPOINT, claim, ensure_writable, record_pruned, resume_command, study_storage,
 )
 from mnist_lab.sweep_folder import in_sweep, load_jobs, record_sweep_keys, recorded_sweep_keys
-from mnist_lab.train import run
+from mnist_lab.recipe import run
 
 log = logging.getLogger(__name__)
 # What this process started, for mnist_lab.fit and mnist_lab.sweep to hand back (in the order started).
