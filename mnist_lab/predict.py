@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from mnist_lab.checkpoint import load_checkpoint
 from mnist_lab.data import MNIST_MEAN, MNIST_STD, normalize
 from mnist_lab.errors import InputError, first_line, one_line_errors
 
@@ -159,8 +160,6 @@ class Classifier:
             self.model = OnnxClassifier(path)
             self.mean, self.std = self.model.mean, self.model.std
         else:
-            from mnist_lab.checkpoint import load_checkpoint
-
             self.model, data = load_checkpoint(path)
             self.mean, self.std = data.get("mean", MNIST_MEAN), data.get("std", MNIST_STD)
 
