@@ -33,22 +33,24 @@ import tempfile
 import time
 from pathlib import Path
 
+from mnist_lab.compat import phase_methods
 from mnist_lab.data import default_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_BATCH = ["model=lenet", "trainer.max_epochs=1", "+trainer.limit_train_batches=1"]
 
+# Lightning's private loop methods, which tests/test_compat.py checks against the installed Lightning.
+LIGHTNING = phase_methods()
 # (module, attribute path, phase): the phase a call's own time counts to. Evaluation loops are
 # told apart by the trainer's state when they run.
 PROBES = [
     ("mnist_lab.data", "MNISTDataModule.prepare_data", "data: find, check and hash the files"),
     ("mnist_lab.data", "MNISTDataModule.setup", "data: read and split"),
     ("pytorch_lightning", "Trainer.__init__", "build the Trainer"),
-    ("pytorch_lightning.loops.training_epoch_loop", "_TrainingEpochLoop.run", "training (one batch)"),
-    ("pytorch_lightning.loops.evaluation_loop", "_EvaluationLoop.run", None),
+    (*LIGHTNING["training epoch"], "training (one batch)"),
+    (*LIGHTNING["evaluation"], None),
     ("pytorch_lightning", "Trainer.save_checkpoint", "checkpoints (best and last.ckpt)"),
-    ("pytorch_lightning.trainer.connectors.checkpoint_connector", "_CheckpointConnector.resume_start",
-     "load the best checkpoint for test"),
+    (*LIGHTNING["checkpoint load"], "load the best checkpoint for test"),
     ("mnist_lab.callbacks", "TestFigures.on_test_epoch_end", "test figures (TensorBoard images)"),
     ("mnist_lab.recipe", "log_hparams", "HPARAMS"),
     ("mnist_lab.recipe", "plot_curves", "curves.png"),

@@ -18,6 +18,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities.model_summary import get_formatted_model_size, get_human_readable_count
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from mnist_lab.compat import checkpoint_saves_on_steps, restore_callback_hooks, skip_callback_hooks
 from mnist_lab.errors import InputError, is_whole
 from mnist_lab.figures import Mistakes, confusion_figure, digit_grid, mistakes_figure, most_confident
 from mnist_lab.loggers import log_figure
@@ -37,8 +38,7 @@ def acts_on_steps(callback: pl.Callback, hook: str) -> bool:
     if getattr(type(callback), hook) is getattr(pl.Callback, hook):
         return False  # the base class's no-op
     if hook == "on_train_batch_end" and isinstance(callback, ModelCheckpoint):
-        # It saves at a batch end only when told to every n steps or every so many seconds.
-        return bool(callback._every_n_train_steps) or callback._train_time_interval is not None
+        return checkpoint_saves_on_steps(callback)
     return True
 
 
@@ -46,23 +46,9 @@ def skip_idle_step_hooks(callbacks: Iterable[pl.Callback]) -> None:
     """Lightning visits every callback at each of the six hooks of every training step, even where
     the callback does nothing there, and each visit costs a profiler context and the callback's
     `state_key`, which ModelCheckpoint rebuilds from its settings every time (docs/speed.md: the
-    cost of a training step). Setting such a hook to None on the instance
-    skips the visit, because Lightning's dispatcher (`pytorch_lightning.trainer.call.
-    _call_callback_hooks`) calls only callable hooks; tests/test_callbacks.py fails if that changes."""
+    cost of a training step). mnist_lab.compat.skip_callback_hooks skips those visits."""
     for callback in callbacks:
-        skip_hooks(callback, [hook for hook in STEP_HOOKS if not acts_on_steps(callback, hook)])
-
-
-def skip_hooks(callback: pl.Callback, hooks: Iterable[str]) -> None:
-    """Lightning no longer calls these hooks of `callback` (see skip_idle_step_hooks)."""
-    for hook in hooks:
-        setattr(callback, hook, None)
-
-
-def restore_hooks(callback: pl.Callback, hooks: Iterable[str]) -> None:
-    """Lightning calls these hooks of `callback` again: its class's methods."""
-    for hook in hooks:
-        callback.__dict__.pop(hook, None)
+        skip_callback_hooks(callback, [hook for hook in STEP_HOOKS if not acts_on_steps(callback, hook)])
 
 
 class ProgressBar(TQDMProgressBar):
@@ -335,9 +321,9 @@ class TrainingState(Checkpoint):
     def _watch_steps(self, on: bool) -> None:
         hooks = ("on_train_batch_start", "on_train_batch_end")
         if not on:
-            skip_hooks(self, hooks)
+            skip_callback_hooks(self, hooks)
         if on or self.signal_name is not None:  # a signal may have come in between
-            restore_hooks(self, hooks)
+            restore_callback_hooks(self, hooks)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # At the end of every epoch, a killed run must find that epoch's state. ModelCheckpoint's own

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mnist_lab.compat import batches_done_in_epoch
 from mnist_lab.errors import InputError, is_whole
 
 # MD5 of the uncompressed IDX files of the official releases: torchvision checks only the
@@ -387,7 +388,7 @@ class MNISTDataModule(pl.LightningDataModule):
         if (batches := getattr(self, "train_batches", None)) is not None and self.trainer is not None:
             state["epoch_start_state"] = batches.epoch_start_state
             state["generator_state"] = self.shuffle_generator.get_state()
-            state["batches_done"] = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            state["batches_done"] = batches_done_in_epoch(self.trainer)
             state["batches_per_epoch"] = self.trainer.num_training_batches  # less with limit_train_batches
         if self.augment is not None and (augment_state := self.augment.state_dict()):
             state["augment"] = augment_state

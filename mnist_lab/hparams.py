@@ -7,8 +7,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+from torch.utils.tensorboard import FileWriter
 from torch.utils.tensorboard.summary import hparams
-from torch.utils.tensorboard.writer import FileWriter
+
+from mnist_lab.compat import tick_hparams
 
 # The metrics of TensorBoard's HPARAMS tab, in its column order: scalar tags, at their last value.
 HPARAM_METRICS = ("val/acc", "test/acc", "test/loss", "val/acc_best", "val/loss")
@@ -59,29 +61,22 @@ def log_hparams(logger: TensorBoardLogger, params: dict[str, Any], swept: Sequen
     """Give TensorBoard's HPARAMS tab this run's hyperparameters and the metrics to show.
 
     Written after testing, so each metric's last logged value is the final one (Lightning's own
-    call at fit start would show a -1 placeholder). TensorBoard ticks the first five columns of
-    the experiment summary once it has sorted them, those marked `differs` first, then by name
-    (tensorboard/plugins/hparams/backend_context.py; its dashboard ticks the first five), whatever
-    their order here: so the summary, the same for every job of a sweep, marks `ticked(params,
-    swept)` alone as differing. The metrics come in HPARAM_METRICS order, val/acc first.
+    call at fit start would show a -1 placeholder). The summary, the same for every job of a
+    sweep, has `ticked(params, swept)` as its ticked columns (mnist_lab.compat.tick_hparams).
+    The metrics come in HPARAM_METRICS order, val/acc first.
     """
     experiment, session_start, session_end = hparams(params, dict.fromkeys(HPARAM_METRICS, 0.0))
     plugin_data = experiment.value[0].metadata.plugin_data
     content = plugin_data_pb2.HParamsPluginData.FromString(plugin_data.content)
-    shown = ticked(params, swept)
     for info in content.experiment.hparam_infos:
-        info.differs = info.name in shown
         if info.type == api_pb2.DATA_TYPE_STRING:
             info.ClearField("domain_discrete")  # this run's value alone; a sweep has several
+    tick_hparams(content.experiment, ticked(params, swept))
     plugin_data.content = content.SerializeToString()
-    file_writer = _file_writer(logger)
+    # An event file of their own in the run's folder: SummaryWriter.add_hparams would write a
+    # second run, and Lightning has closed the logger's writer by now (trainer.test's end).
+    writer = logger.experiment
+    file_writer = FileWriter(writer.get_logdir(), filename_suffix=writer.filename_suffix)
     for summary in (experiment, session_start, session_end):
         file_writer.add_summary(summary)
-    file_writer.flush()
-
-
-def _file_writer(logger: TensorBoardLogger) -> FileWriter:
-    """The event file writer under the logger's SummaryWriter: the HPARAMS summaries must go in
-    whole, and SummaryWriter has no public call for that (add_hparams writes a second run).
-    tests/test_train.py fails if torch renames it."""
-    return logger.experiment._get_file_writer()
+    file_writer.close()

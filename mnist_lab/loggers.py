@@ -98,7 +98,8 @@ def forget_after(loggers: Sequence[Logger], step: int) -> None:
         with warnings.catch_warnings():  # Lightning's writer starts by deleting the file: its rows are kept here
             warnings.simplefilter("ignore")
             writer = logger.experiment
-        writer.metrics = rows + writer.metrics
+        for row in rows:  # before the trainer exists: nothing is logged yet
+            writer.log_metrics({k: v for k, v in row.items() if k != "step"}, row.get("step"))
         logger.save()  # on disk again at once, should this process be stopped too
 
 

@@ -18,6 +18,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from mnist_lab.callbacks import EpochTimer, Interrupted, TrainingState, skip_idle_step_hooks, stop_on_signals
 from mnist_lab.captured import CapturedSteps, check_capture
 from mnist_lab.checkpoint import read_checkpoint
+from mnist_lab.compat import ignore_lightning_pytree_deprecation
 from mnist_lab.errors import InputError, config_errors, is_whole
 from mnist_lab.figures import plot_curves
 from mnist_lab.hparams import hparams_of, log_hparams
@@ -38,10 +39,7 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 # On a machine with SLURM installed, Lightning advises prepending srun to every command; here a
 # sweep goes to SLURM through hydra/launcher=slurm, whose jobs do run under srun.
 warnings.filterwarnings("ignore", ".*The `srun` command is available on your system but is not used.*")
-# Lightning 2.6's pytree helper (pytorch_lightning/utilities/_pytree.py) builds torch's LeafSpec,
-# which torch 2.14 deprecates, in every fit: Lightning's to change, nothing a user can act on.
-warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning,
-                        "pytorch_lightning.utilities._pytree")
+ignore_lightning_pytree_deprecation()  # in every fit: Lightning's to change, nothing a user can act on
 
 
 def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swept: Sequence[str] = (),

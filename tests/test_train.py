@@ -18,6 +18,7 @@ from hydra.utils import get_class
 from mnist_lab.errors import InputError
 from mnist_lab.recipe import run
 from tests.conftest import ARCHITECTURES, ROOT, compose_train, run_train, run_train_together, smoke_overrides
+from tests.test_compat import shown_by_tensorboard
 
 MODELS = {name: get_class(compose_train(f"model={name}").model._target_) for name in ARCHITECTURES}
 
@@ -175,16 +176,9 @@ def test_bookkeeping_overrides_stay_out_of_hparams(synthetic_dir, make_cfg):
 
 
 def tensorboard_ticks(run_dir: Path) -> list[str]:
-    """The hyperparameter columns TensorBoard's HPARAMS tab shows before any is ticked: its backend
-    sorts the experiment's hparam_infos (backend_context._sort_and_reduce_to_hparams_limit, with the
-    dashboard's hparamsLimit of 1000) and its dashboard ticks the first five. Fails loudly if
-    TensorBoard renames that function."""
-    from tensorboard.plugins.hparams.backend_context import _sort_and_reduce_to_hparams_limit
-
+    """The hyperparameter columns TensorBoard's HPARAMS tab shows before any is ticked."""
     content = events(run_dir).PluginTagToContent("hparams")["_hparams_/experiment"]
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content).experiment
-    _sort_and_reduce_to_hparams_limit(experiment, 1000)
-    return [info.name for info in experiment.hparam_infos][:5]
+    return shown_by_tensorboard(plugin_data_pb2.HParamsPluginData.FromString(content).experiment)
 
 
 @pytest.mark.parametrize("swept, shown", [

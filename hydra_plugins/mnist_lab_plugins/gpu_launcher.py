@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import cloudpickle
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from hydra_plugins.hydra_joblib_launcher._core import execute_job  # run_job in a worker, as joblib's launcher does
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from mnist_lab.errors import InputError, is_whole, one_line_errors
 
@@ -69,7 +69,7 @@ class GpuLauncher(Launcher):
                     raise KeyboardInterrupt
                 log.info("\t#%d : %s%s", num, " ".join(filter_overrides(overrides)),
                          f" (GPU {worker.gpu})" if worker.gpu is not None else "")
-                return worker.run(execute_job, num, overrides, self.hydra_context, self.config, self.task_function,
+                return worker.run(run_sweep_job, num, overrides, self.hydra_context, self.config, self.task_function,
                                   state)
             except SystemExit:  # the job was stopped by a signal; this process may not have seen it (only
                 stopped.set()   # the main thread acts on signals, and the kernel may hand it to another)
@@ -87,6 +87,21 @@ class GpuLauncher(Launcher):
             sys.exit(e.code if isinstance(e, SystemExit) else 130)
         finally:
             threads.shutdown(wait=True, cancel_futures=True)
+
+
+def run_sweep_job(num: int, overrides: Sequence[str], hydra_context: HydraContext, config: DictConfig,
+                  task_function: TaskFunction, singleton_state: dict[Any, Any]) -> JobReturn:
+    """Job `num` of the sweep, in a worker process, through Hydra's plugin API as Hydra's joblib and
+    submitit launchers run theirs: the launching process's Hydra state, the job's config, run_job."""
+    setup_globals()
+    Singleton.set_state(singleton_state)
+    sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+    with open_dict(sweep_config):
+        sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{num}"
+        sweep_config.hydra.job.num = num
+    HydraConfig.instance().set_config(sweep_config)
+    return run_job(hydra_context=hydra_context, config=sweep_config, task_function=task_function,
+                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
 
 
 def visible_gpus(gpus: Sequence[int] | str) -> list[str]:
