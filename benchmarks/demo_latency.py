@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def drawing(data_dir: Path) -> bytes:
     raw = (data_dir / "MNIST" / "raw" / "t10k-images-idx3-ubyte").read_bytes()
-    digit = np.frombuffer(raw[16:16 + 784], np.uint8).reshape(28, 28)  # the first test image, a 7
+    digit = np.frombuffer(raw[16 : 16 + 784], np.uint8).reshape(28, 28)  # the first test image, a 7
     out = io.BytesIO()
     Image.fromarray(digit).resize((280, 280), Image.Resampling.BILINEAR).save(out, "PNG")
     return out.getvalue()
@@ -44,8 +44,11 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "mnist_lab.demo", "--ckpt", args.ckpt, "--port", str(port)],
-                              cwd=ROOT, stdout=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mnist_lab.demo", "--ckpt", args.ckpt, "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}/api/predict"
     try:
         body = drawing(Path(args.data_dir))

@@ -62,7 +62,10 @@ def test_accuracy(model: torch.nn.Module, datamodule) -> float:
 
 def one_cycle(cfg, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.optimizer.lr, total_steps=total_steps, pct_start=cfg.scheduler.pct_start,
+        optimizer,
+        max_lr=cfg.optimizer.lr,
+        total_steps=total_steps,
+        pct_start=cfg.scheduler.pct_start,
         cycle_momentum=cfg.scheduler.cycle_momentum,
     )
 
@@ -153,7 +156,10 @@ class LightningFloor(pl.LightningModule):
 
     def configure_optimizers(self) -> dict:
         optimizer = instantiate(self.cfg.optimizer, params=self.parameters())
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": one_cycle(self.cfg, optimizer, self.total_steps), "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": one_cycle(self.cfg, optimizer, self.total_steps), "interval": "step"},
+        }
 
 
 def lightning_floor(cfg, datamodule, epochs: int, window: int):
@@ -164,8 +170,15 @@ def lightning_floor(cfg, datamodule, epochs: int, window: int):
     parent = greenlet.getcurrent()
     side = SideBySide(PlainLoop(cfg, datamodule, epochs), window, parent.switch)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[side],
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[side],
     )
     model = LightningFloor(cfg, epochs * side.plain.steps_per_epoch)
 
@@ -183,7 +196,10 @@ def notebook_loader(cfg, data_dir: str) -> torch.utils.data.DataLoader:
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
     return torch.utils.data.DataLoader(
         datasets.MNIST(data_dir, train=True, download=False, transform=transform),
-        batch_size=cfg.data.batch_size, shuffle=True, num_workers=1, pin_memory=True,
+        batch_size=cfg.data.batch_size,
+        shuffle=True,
+        num_workers=1,
+        pin_memory=True,
     )
 
 
@@ -236,8 +252,15 @@ def main() -> None:
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
 
     # The side-by-side callback rides along through the config, as a user's own callback would.
-    overrides = ["model=lenet", "trainer=cpu", f"trainer.max_epochs={args.epochs}", f"data.data_dir={args.data_dir}",
-                 "data.download=false", "+callbacks.side_by_side._target_=__main__.current_side", *args.overrides]
+    overrides = [
+        "model=lenet",
+        "trainer=cpu",
+        f"trainer.max_epochs={args.epochs}",
+        f"data.data_dir={args.data_dir}",
+        "data.download=false",
+        "+callbacks.side_by_side._target_=__main__.current_side",
+        *args.overrides,
+    ]
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides)
     datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all")  # data.augment stays plain data
@@ -259,36 +282,50 @@ def main() -> None:
 
     a, b = statistics.median(side.lab_times), statistics.median(side.plain_times)
     model = cfg.model._target_.rsplit(".", 1)[-1]
-    print(f"\n{model}, batch {cfg.data.batch_size}, {args.epochs} epochs, windows of {args.window} steps; "
-          f"{os.cpu_count()} CPUs ({platform.machine()}), {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, pytorch-lightning {pl.__version__}")
+    print(
+        f"\n{model}, batch {cfg.data.batch_size}, {args.epochs} epochs, windows of {args.window} steps; "
+        f"{os.cpu_count()} CPUs ({platform.machine()}), {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, pytorch-lightning {pl.__version__}"
+    )
     print(f"(a) mnist_lab       median epoch {a:6.3f} s   epochs {[round(t, 2) for t in side.lab_times]}")
     print(f"(b) plain PyTorch   median epoch {b:6.3f} s   epochs {[round(t, 2) for t in side.plain_times]}")
     if notebook:
         c = statistics.median(notebook)
         print(f"(c) notebook loader median epoch {c:6.3f} s   epochs {[round(t, 2) for t in notebook]}")
-    print(f"data alone, one epoch of batches: mnist_lab {lab_data:.3f} s"
-          + (f", notebook loader {notebook_data:.3f} s" if notebook_data is not None else ""))
+    print(
+        f"data alone, one epoch of batches: mnist_lab {lab_data:.3f} s"
+        + (f", notebook loader {notebook_data:.3f} s" if notebook_data is not None else "")
+    )
     a_b = sum(side.lab_times) / sum(side.plain_times)
     print(f"a/b = {a_b:.3f}   (target <= 1.15)")
     if floor is not None:
         a0_b = sum(floor.lab_times) / sum(floor.plain_times)
-        print(f"a0/b = {a0_b:.3f}  (a0: the same training in a minimal LightningModule with no logger, callbacks or "
-              f"validation, in windows between those of (a), each beside (b))")
+        print(
+            f"a0/b = {a0_b:.3f}  (a0: the same training in a minimal LightningModule with no logger, callbacks or "
+            f"validation, in windows between those of (a), each beside (b))"
+        )
         (a_us, b_us), (a0_us, b0_us) = side.per_step_us(), floor.per_step_us()
-        print(f"per training step: (a) {a_us:.0f} us, (a0) {a0_us:.0f} us, (b) {b_us:.0f} us beside (a) and "
-              f"{b0_us:.0f} us beside (a0)")
+        print(
+            f"per training step: (a) {a_us:.0f} us, (a0) {a0_us:.0f} us, (b) {b_us:.0f} us beside (a) and "
+            f"{b0_us:.0f} us beside (a0)"
+        )
         # Each excess against the plain steps of its own neighbouring windows, in the same units.
         b_mean = (b_us + b0_us) / 2
         excess, floor_excess = (a_b - 1) * b_mean, (a0_b - 1) * b_mean
-        print(f"excess over (b) per step: mnist_lab {excess:.0f} us, Lightning's floor {floor_excess:.0f} us; "
-              f"mnist_lab's excess / Lightning's = {excess / floor_excess:.2f}   (target <= 1.25)")
+        print(
+            f"excess over (b) per step: mnist_lab {excess:.0f} us, Lightning's floor {floor_excess:.0f} us; "
+            f"mnist_lab's excess / Lightning's = {excess / floor_excess:.2f}   (target <= 1.25)"
+        )
     if notebook:
         print(f"c/a = {c / a:.2f}    (target >= 1.5)")
-    print(f"test accuracy after each epoch: (a) {[round(x, 4) for x in side.accuracies]}"
-          f"  (b) {[round(x, 4) for x in side.plain.accuracies]}")
-    print(f"training time to 99% test accuracy: (a) {time_to(0.99, side.lab_times, side.accuracies)}"
-          f"   (b) {time_to(0.99, side.plain_times, side.plain.accuracies)}")
+    print(
+        f"test accuracy after each epoch: (a) {[round(x, 4) for x in side.accuracies]}"
+        f"  (b) {[round(x, 4) for x in side.plain.accuracies]}"
+    )
+    print(
+        f"training time to 99% test accuracy: (a) {time_to(0.99, side.lab_times, side.accuracies)}"
+        f"   (b) {time_to(0.99, side.plain_times, side.plain.accuracies)}"
+    )
 
 
 def current_side() -> SideBySide:

@@ -116,8 +116,11 @@ def child(overrides: list[str], report: Path) -> None:
     except SystemExit as e:
         if e.code not in (0, None):
             raise
-    probed = sum(seconds for label, seconds in phases.seconds.items() if label not in ("python start",)
-                 and not label.startswith("imports"))
+    probed = sum(
+        seconds
+        for label, seconds in phases.seconds.items()
+        if label not in ("python start",) and not label.startswith("imports")
+    )
     phases.add("everything else (Hydra, config, Lightning's set-up, logging)", time.perf_counter() - mark - probed)
     report.write_text(json.dumps(phases.seconds))
 
@@ -179,14 +182,21 @@ def main() -> None:
         return warm_child(args.overrides, args.warm)
 
     env = {**os.environ, "MNIST_LAB_DATA": args.data_dir}
-    walls: dict[str, list[float]] = {"import pytorch_lightning": [], "the same, gc.freeze() at exit": [],
-                                     "train.py --help": [], "one-batch run": []}
+    walls: dict[str, list[float]] = {
+        "import pytorch_lightning": [],
+        "the same, gc.freeze() at exit": [],
+        "train.py --help": [],
+        "one-batch run": [],
+    }
     phases: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
             walls["import pytorch_lightning"].append(timed_process(["-c", "import pytorch_lightning"], env, ROOT))
-            walls["the same, gc.freeze() at exit"].append(timed_process(
-                ["-c", "import atexit, gc; atexit.register(gc.freeze); import pytorch_lightning"], env, ROOT))
+            walls["the same, gc.freeze() at exit"].append(
+                timed_process(
+                    ["-c", "import atexit, gc; atexit.register(gc.freeze); import pytorch_lightning"], env, ROOT
+                )
+            )
             walls["train.py --help"].append(timed_process(["train.py", "--help"], env, ROOT))
             report = Path(tmp) / f"phases{i}.json"
             run_args = [__file__, f"--child={report}", *ONE_BATCH, f"hydra.run.dir={tmp}/run{i}", *args.overrides]
@@ -202,16 +212,20 @@ def main() -> None:
             warm.append(json.loads(report.read_text()))
     median = {name: statistics.median(times) for name, times in walls.items()}
 
-    import torch
     import pytorch_lightning as pl
+    import torch
 
-    print(f"\n{' '.join(['train.py', *ONE_BATCH, *args.overrides])}: median of {args.repeats} repeats; "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__}, pytorch-lightning {pl.__version__}")
+    print(
+        f"\n{' '.join(['train.py', *ONE_BATCH, *args.overrides])}: median of {args.repeats} repeats; "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}, pytorch-lightning {pl.__version__}"
+    )
     for name, times in walls.items():
         print(f"  {name:<31} {median[name]:6.2f} s   {[round(t, 2) for t in times]}")
-    print(f"mnist_lab adds {median['one-batch run'] - median['import pytorch_lightning']:.2f} s beyond Lightning's "
-          f"import (one-batch run - import pytorch_lightning), "
-          f"{median['one-batch run'] - median['the same, gc.freeze() at exit']:.2f} s beyond the import with gc.freeze()")
+    print(
+        f"mnist_lab adds {median['one-batch run'] - median['import pytorch_lightning']:.2f} s beyond Lightning's "
+        f"import (one-batch run - import pytorch_lightning), "
+        f"{median['one-batch run'] - median['the same, gc.freeze() at exit']:.2f} s beyond the import with gc.freeze()"
+    )
     print("phases of the one-batch run (median seconds):")
     for label in phases[0]:
         print(f"  {statistics.median(p.get(label, 0.0) for p in phases):6.3f}  {label}")
@@ -219,8 +233,10 @@ def main() -> None:
     wall = statistics.median(w["wall"] for w in warm)
     step = statistics.median(w["phases"].get("training (one batch)", 0.0) for w in warm)
     beyond = statistics.median(w["wall"] - w["phases"].get("training (one batch)", 0.0) for w in warm)
-    print(f"\na second one-batch mnist_lab.fit in a warm process: {wall:.2f} s, its training step {step:.3f} s: "
-          f"{beyond:.2f} s beyond it (target <= 1.0 s)   {[round(w['wall'], 2) for w in warm]}")
+    print(
+        f"\na second one-batch mnist_lab.fit in a warm process: {wall:.2f} s, its training step {step:.3f} s: "
+        f"{beyond:.2f} s beyond it (target <= 1.0 s)   {[round(w['wall'], 2) for w in warm]}"
+    )
     print("its phases (median seconds):")
     for label in warm[0]["phases"]:
         print(f"  {statistics.median(w['phases'].get(label, 0.0) for w in warm):6.3f}  {label}")

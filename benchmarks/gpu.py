@@ -28,10 +28,10 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from epoch_time import test_accuracy, time_to  # the CPU benchmark beside this file
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from epoch_time import test_accuracy, time_to  # the CPU benchmark beside this file
 from mnist_lab.data import BatchIndices, default_data_dir
 from mnist_lab.recipe import run
 
@@ -86,7 +86,10 @@ def plain_loop(cfg, datamodule, epochs: int, device: torch.device) -> tuple[list
     images, labels = datamodule.train_set.images, datamodule.train_set.labels
     steps = steps_per_epoch(cfg, len(labels))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.optimizer.lr, total_steps=epochs * steps, pct_start=cfg.scheduler.pct_start,
+        optimizer,
+        max_lr=cfg.optimizer.lr,
+        total_steps=epochs * steps,
+        pct_start=cfg.scheduler.pct_start,
         cycle_momentum=cfg.scheduler.cycle_momentum,
     )
     # mnist_lab's batch order: the data module's sampler on a CPU generator seeded as it seeds its
@@ -112,29 +115,42 @@ def plain_loop(cfg, datamodule, epochs: int, device: torch.device) -> tuple[list
 
 
 def report(label: str, times: list[float], accuracies: list[float], images: int) -> None:
-    print(f"{label}: epochs {[round(t, 3) for t in times]} s, median {statistics.median(times):.3f} s, "
-          f"{images / statistics.median(times):,.0f} images/s")
-    print(f"    test accuracy after each epoch {[round(a, 4) for a in accuracies]}; "
-          f"training time to 99%: {time_to(0.99, times, accuracies)}")
+    print(
+        f"{label}: epochs {[round(t, 3) for t in times]} s, median {statistics.median(times):.3f} s, "
+        f"{images / statistics.median(times):,.0f} images/s"
+    )
+    print(
+        f"    test accuracy after each epoch {[round(a, 4) for a in accuracies]}; "
+        f"training time to 99%: {time_to(0.99, times, accuracies)}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for both, e.g. data.batch_size=512 optimizer.lr=0.2")
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides for both, e.g. data.batch_size=512 optimizer.lr=0.2"
+    )
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--data-dir", default=str(default_data_dir()))
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("Error: PyTorch sees no CUDA GPU here: run this on a GPU machine, or pass --device cpu to check the script")
+        raise SystemExit(
+            "Error: PyTorch sees no CUDA GPU here: run this on a GPU machine, or pass --device cpu to check the script"
+        )
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     device = torch.device(args.device)
 
     overrides = [
-        "model=lenet", f"trainer={'gpu' if args.device == 'cuda' else 'cpu'}", f"trainer.max_epochs={args.epochs}",
-        f"data.data_dir={args.data_dir}", "data.download=false", "data.on_device=true",
-        "+callbacks.epoch_check._target_=__main__.current_check", *args.overrides,
+        "model=lenet",
+        f"trainer={'gpu' if args.device == 'cuda' else 'cpu'}",
+        f"trainer.max_epochs={args.epochs}",
+        f"data.data_dir={args.data_dir}",
+        "data.download=false",
+        "data.on_device=true",
+        "+callbacks.epoch_check._target_=__main__.current_check",
+        *args.overrides,
     ]
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides)
@@ -150,13 +166,17 @@ def main() -> None:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     images = len(datamodule.train_set)
-    print(f"\nLeNet-5, batch {cfg.data.batch_size}, {args.epochs} epochs, {images} training images, data on the "
-          f"{device.type}; {name}; torch {torch.__version__}, pytorch-lightning {pl.__version__}")
+    print(
+        f"\nLeNet-5, batch {cfg.data.batch_size}, {args.epochs} epochs, {images} training images, data on the "
+        f"{device.type}; {name}; torch {torch.__version__}, pytorch-lightning {pl.__version__}"
+    )
     trained = min(images, steps_per_epoch(cfg, images) * cfg.data.batch_size)  # per epoch
     report("(a) mnist_lab    ", lab_times, CHECK.accuracies, trained)
     report("(b) plain PyTorch", plain_times, plain_accuracies, trained)
-    print(f"a/b = {sum(lab_times) / sum(plain_times):.2f}; mnist_lab's final test/acc (best checkpoint) "
-          f"{metrics['test/acc']:.4f}")
+    print(
+        f"a/b = {sum(lab_times) / sum(plain_times):.2f}; mnist_lab's final test/acc (best checkpoint) "
+        f"{metrics['test/acc']:.4f}"
+    )
 
 
 if __name__ == "__main__":

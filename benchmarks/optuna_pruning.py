@@ -29,8 +29,12 @@ QUIET = ["callbacks.progress_bar=null", "+trainer.enable_progress_bar=false"]
 
 def search(folder: Path, args: list[str]) -> dict:
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *args, f"hydra.sweep.dir={folder}"],
-                            cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", *args, f"hydra.sweep.dir={folder}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - start
     with open(folder / "summary.csv") as f:
         rows = list(csv.DictReader(f))
@@ -38,9 +42,14 @@ def search(folder: Path, args: list[str]) -> dict:
         sys.exit(f"the search in {folder} failed:\n{result.stderr[-3000:]}")
     done = [r for r in rows if r["status"] in ("ok", "pruned")]
     (best,) = [r for r in rows if r["best"] == "True"]
-    return {"seconds": seconds, "best": best, "epochs": sum(int(r["epochs"]) for r in done),
-            "pruned": sum(r["status"] == "pruned" for r in rows), "failed": sum(r["status"] == "failed" for r in rows),
-            "trials": len(rows)}
+    return {
+        "seconds": seconds,
+        "best": best,
+        "epochs": sum(int(r["epochs"]) for r in done),
+        "pruned": sum(r["status"] == "pruned" for r in rows),
+        "failed": sum(r["status"] == "failed" for r in rows),
+        "trials": len(rows),
+    }
 
 
 def main() -> None:
@@ -50,16 +59,25 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("MNIST_LAB_DATA"))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    common = ["sweep=optuna", "model=lenet", f"hydra.sweeper.n_trials={args.trials}",
-              f"trainer.max_epochs={args.epochs}", *QUIET,
-              *([f"data.data_dir={args.data_dir}"] if args.data_dir else []), *args.overrides]
+    common = [
+        "sweep=optuna",
+        "model=lenet",
+        f"hydra.sweeper.n_trials={args.trials}",
+        f"trainer.max_epochs={args.epochs}",
+        *QUIET,
+        *([f"data.data_dir={args.data_dir}"] if args.data_dir else []),
+        *args.overrides,
+    ]
     print("search:", " ".join(common), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name, pruner in (("no pruning", "none"), ("median", "median")):
             r = search(Path(tmp) / pruner, [*common, f"hydra/sweeper/pruner={pruner}"])
-            print(f"{name:<10}: best val/acc {float(r['best']['val/acc']):.4f} (trial {r['best']['job']}, test/acc "
-                  f"{float(r['best']['test/acc']):.4f}); {r['epochs']} epochs over {r['trials']} trials "
-                  f"({r['pruned']} pruned, {r['failed']} failed); {r['seconds']:.0f} s", flush=True)
+            print(
+                f"{name:<10}: best val/acc {float(r['best']['val/acc']):.4f} (trial {r['best']['job']}, test/acc "
+                f"{float(r['best']['test/acc']):.4f}); {r['epochs']} epochs over {r['trials']} trials "
+                f"({r['pruned']} pruned, {r['failed']} failed); {r['seconds']:.0f} s",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -33,16 +33,25 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SWEEP = ["model=lenet", "optimizer.lr=0.01,0.02,0.05,0.1,0.2,0.4", "data.batch_size=64,256", "trainer.max_epochs=2",
-         "data.on_device=true"]
+SWEEP = [
+    "model=lenet",
+    "optimizer.lr=0.01,0.02,0.05,0.1,0.2,0.4",
+    "data.batch_size=64,256",
+    "trainer.max_epochs=2",
+    "data.on_device=true",
+]
 QUIET = ["callbacks.progress_bar=null", "+trainer.enable_progress_bar=false"]
 
 
 def sweep(folder: Path, args: list[str]) -> tuple[float, dict[str, float]]:
     """Wall time of `python train.py -m <args>` in `folder`, and val/acc by job."""
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *args, f"hydra.sweep.dir={folder}"],
-                            cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", *args, f"hydra.sweep.dir={folder}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         sys.exit(f"the sweep in {folder} failed:\n{result.stderr[-3000:]}")
@@ -73,12 +82,20 @@ def main() -> None:
             print("val/acc by job:", " / ".join(arms))
             for job, value in results["sequential"].items():
                 others = [results[arm].get(job, float("nan")) for arm in list(arms)[1:]]
-                print(f"  job {job:>2}: " + " / ".join(f"{v:.4f}" for v in [value, *others]) +
-                      f"  (largest difference {max(abs(v - value) for v in others):.4f})")
+                print(
+                    f"  job {job:>2}: "
+                    + " / ".join(f"{v:.4f}" for v in [value, *others])
+                    + f"  (largest difference {max(abs(v - value) for v in others):.4f})"
+                )
     sequential = statistics.median(times["sequential"])
-    print(f"median wall time: sequential {sequential:.1f} s" + "".join(
-        f"; {arm} on each GPU {statistics.median(t):.1f} s, {sequential / statistics.median(t):.2f}x faster"
-        for arm, t in times.items() if arm != "sequential"))
+    print(
+        f"median wall time: sequential {sequential:.1f} s"
+        + "".join(
+            f"; {arm} on each GPU {statistics.median(t):.1f} s, {sequential / statistics.median(t):.2f}x faster"
+            for arm, t in times.items()
+            if arm != "sequential"
+        )
+    )
 
 
 if __name__ == "__main__":

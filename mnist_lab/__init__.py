@@ -1,7 +1,7 @@
 """mnist_lab: train, compare and sweep small vision models on MNIST-class data.
 
-    import mnist_lab
-    run = mnist_lab.fit("model=lenet", "trainer.max_epochs=5")
+import mnist_lab
+run = mnist_lab.fit("model=lenet", "trainer.max_epochs=5")
 """
 
 from mnist_lab.api import Run, RunInterrupted, Sweep, fit, load, sweep

@@ -84,8 +84,11 @@ def fit(*overrides: str, out_dir: str | Path | None = None) -> "Run":
 def sweep(*overrides: str, out_dir: str | Path | None = None) -> "Sweep":
     """Run a multirun, as `python train.py -m OVERRIDES` does (`out_dir`: its hydra.sweep.dir),
     with its report; failed jobs are listed in `.jobs` (the command line exits non-zero)."""
-    argv = ["-m", *(o for o in overrides if o not in ("-m", "--multirun")),
-            *([f"hydra.sweep.dir={_quoted(out_dir)}"] if out_dir is not None else [])]
+    argv = [
+        "-m",
+        *(o for o in overrides if o not in ("-m", "--multirun")),
+        *([f"hydra.sweep.dir={_quoted(out_dir)}"] if out_dir is not None else []),
+    ]
     from mnist_lab import jobs
 
     try:
@@ -103,12 +106,16 @@ def load(path: str | Path) -> "Run":
     path = Path(path)
     folder = path.parent.parent if path.suffix == ".ckpt" else path
     if not (folder / CONFIG_FILE).is_file():
-        raise InputError(f"{path} is not a run folder, nor a checkpoint in one (no {CONFIG_FILE}): pass a folder under "
-                         "outputs/runs/, or its checkpoints/<name>.ckpt")
+        raise InputError(
+            f"{path} is not a run folder, nor a checkpoint in one (no {CONFIG_FILE}): pass a folder under "
+            "outputs/runs/, or its checkpoints/<name>.ckpt"
+        )
     status = read_metrics(folder).get("status")
     if status not in ("ok", "pruned"):
-        raise InputError(f"{folder} holds no finished run (status {status or 'unknown'} in {METRICS_FILE}): "
-                         f"mnist_lab.fit('resume={folder}') goes on with a stopped one")
+        raise InputError(
+            f"{folder} holds no finished run (status {status or 'unknown'} in {METRICS_FILE}): "
+            f"mnist_lab.fit('resume={folder}') goes on with a stopped one"
+        )
     run = Run(folder)
     if path.suffix == ".ckpt":
         run.checkpoint = path
@@ -173,9 +180,17 @@ class Run:
 
         from mnist_lab.evaluate import run
 
-        data_dir = OmegaConf.select(OmegaConf.load(self.folder / CONFIG_FILE), "data.data_dir", default=str(default_data_dir()))
-        args = argparse.Namespace(ckpt=self.checkpoint or self.best_checkpoint, dataset=None, data_dir=Path(data_dir),
-                                  robustness=robustness, out=None, batch_size=1000)
+        data_dir = OmegaConf.select(
+            OmegaConf.load(self.folder / CONFIG_FILE), "data.data_dir", default=str(default_data_dir())
+        )
+        args = argparse.Namespace(
+            ckpt=self.checkpoint or self.best_checkpoint,
+            dataset=None,
+            data_dir=Path(data_dir),
+            robustness=robustness,
+            out=None,
+            batch_size=1000,
+        )
         return run(args)
 
     def _events(self) -> Path:
@@ -263,23 +278,30 @@ def composition_error(error: CompactHydraException) -> str:
     """One line for an override that does not compose: a misspelled key gets the nearest real one
     (Hydra's advice to add it with + would only lead to a TypeError), a missing option the list."""
     cause = error.__cause__
-    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and isinstance(cause.parent_node, DictConfig) \
-            and cause.full_key:
+    if (
+        isinstance(cause, (ConfigKeyError, ConfigAttributeError))
+        and isinstance(cause.parent_node, DictConfig)
+        and cause.full_key
+    ):
         parent, _, key = str(cause.full_key).rpartition(".")
         options = [str(k) for k in cause.parent_node.keys() if str(k) != "hydra" and not str(k).startswith("_")]
         where = f"{parent} has" if parent else "the config has"
         if close := difflib.get_close_matches(key, options, n=1, cutoff=0.6):
             return f"{cause.full_key}: no such option; did you mean {parent + '.' if parent else ''}{close[0]}?"
-        return (f"{cause.full_key}: no such option ({where} {', '.join(options)}); python train.py --cfg job "
-                "shows the whole config")
+        return (
+            f"{cause.full_key}: no such option ({where} {', '.join(options)}); python train.py --cfg job "
+            "shows the whole config"
+        )
     if isinstance(error, MissingConfigException) and error.missing_cfg_file and error.options is not None:
         group, _, choice = error.missing_cfg_file.rpartition("/")
         close = difflib.get_close_matches(choice, error.options, n=1, cutoff=0.6)
         hint = f"; did you mean {group}={close[0]}?" if close else ""
         return f"{group}={choice}: no such option in conf/{group}/{hint} (the options: {', '.join(error.options)})"
     if isinstance(error, OverrideParseException):
-        return f"{error.override}: not an override that Hydra's grammar reads ({first_line(error)}): quote values " \
-               "that hold brackets, commas or spaces, e.g. 'model.channels=[8,16]'"
+        return (
+            f"{error.override}: not an override that Hydra's grammar reads ({first_line(error)}): quote values "
+            "that hold brackets, commas or spaces, e.g. 'model.channels=[8,16]'"
+        )
     return first_line(error)
 
 

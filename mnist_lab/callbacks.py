@@ -28,8 +28,12 @@ log = logging.getLogger(__name__)
 
 # The callback hooks Lightning calls on every training step, for every callback.
 STEP_HOOKS = (
-    "on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
-    "on_before_zero_grad", "on_train_batch_end",
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_before_zero_grad",
+    "on_train_batch_end",
 )
 
 
@@ -83,9 +87,15 @@ class NetSummary(RichModelSummary):
     columns it is given are the ones Lightning's summary has (tests/test_train.py reads this table)."""
 
     @staticmethod
-    def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
-                  model_size: float, total_training_modes: dict[str, int], total_flops: int,
-                  **summarize_kwargs: Any) -> None:
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:
         from rich import get_console
         from rich.table import Table
 
@@ -100,8 +110,10 @@ class NetSummary(RichModelSummary):
         console = get_console()
         console.print(table)
         count = lambda n: get_human_readable_count(n).strip()  # noqa: E731  "0  " for 0
-        console.print(f"Params: {count(trainable_parameters)} trainable, "
-                      f"{count(total_parameters - trainable_parameters)} non-trainable, {get_formatted_model_size(model_size)} MB")
+        console.print(
+            f"Params: {count(trainable_parameters)} trainable, "
+            f"{count(total_parameters - trainable_parameters)} non-trainable, {get_formatted_model_size(model_size)} MB"
+        )
 
 
 class EpochTimer(pl.Callback):
@@ -176,21 +188,27 @@ class EpochLog(pl.Callback):
         mean = losses.mean if isinstance(losses, HostLosses) else None
         timer = next((c for c in trainer.callbacks if isinstance(c, EpochTimer)), None)
         if trainer.is_global_zero:
-            log.info(epoch_line(trainer.current_epoch + 1, trainer.max_epochs, mean, self._val,
-                                timer.epoch_time if timer else None))
+            log.info(
+                epoch_line(
+                    trainer.current_epoch + 1, trainer.max_epochs, mean, self._val, timer.epoch_time if timer else None
+                )
+            )
             if mean is not None:  # the same number in the loggers (Run.history reads it), at the epoch's last step
                 for logger in trainer.loggers:
                     logger.log_metrics({"train/loss_epoch": mean}, step=max(trainer.global_step - 1, 0))
         self._val = {}
 
 
-def epoch_line(epoch: int, epochs: int | None, train_loss: float | None, val: dict[str, float],
-               seconds: float | None) -> str:
+def epoch_line(
+    epoch: int, epochs: int | None, train_loss: float | None, val: dict[str, float], seconds: float | None
+) -> str:
     """`Epoch 2/5: train/loss 0.1523  val/loss 0.0871  val/acc 97.42%  11.8 s`, less what is None or missing."""
-    parts = [f"train/loss {train_loss:.4f}" if train_loss is not None else "",
-             f"val/loss {val['val/loss']:.4f}" if "val/loss" in val else "",
-             f"val/acc {100 * val['val/acc']:.2f}%" if "val/acc" in val else "",
-             f"{seconds:.1f} s" if seconds is not None else ""]
+    parts = [
+        f"train/loss {train_loss:.4f}" if train_loss is not None else "",
+        f"val/loss {val['val/loss']:.4f}" if "val/loss" in val else "",
+        f"val/acc {100 * val['val/acc']:.2f}%" if "val/acc" in val else "",
+        f"{seconds:.1f} s" if seconds is not None else "",
+    ]
     of = f"/{epochs}" if epochs and epochs > 0 else ""  # max_epochs=-1: no end set
     return f"Epoch {epoch}{of}: " + "  ".join(part for part in parts if part)
 
@@ -235,8 +253,10 @@ class TestFigures(pl.Callback):
 
     def __init__(self, samples: int = 32) -> None:
         if not is_whole(samples) or not 1 <= samples <= 1024:
-            raise InputError(f"callbacks.test_figures.samples must be from 1 to 1024 digits, got {samples!r}: "
-                             "pass e.g. callbacks.test_figures.samples=32")
+            raise InputError(
+                f"callbacks.test_figures.samples must be from 1 to 1024 digits, got {samples!r}: "
+                "pass e.g. callbacks.test_figures.samples=32"
+            )
         self.samples = samples
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -244,7 +264,9 @@ class TestFigures(pl.Callback):
         self.first: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.wrong: Mistakes | None = None
 
-    def on_test_batch_end(self, trainer, pl_module, outputs: torch.Tensor, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self, trainer, pl_module, outputs: torch.Tensor, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         images, labels = batch
         confidence, predicted = outputs.softmax(1).max(1)
         self.confusion.update(predicted, labels)
@@ -254,7 +276,7 @@ class TestFigures(pl.Callback):
         batch_mistakes = (images[wrong], predicted[wrong], labels[wrong], confidence[wrong])
         # Keep only the most confident mistakes so far: memory stays at `samples` images.
         if self.wrong is not None:
-            batch_mistakes = tuple(torch.cat(pair) for pair in zip(self.wrong, batch_mistakes))
+            batch_mistakes = tuple(torch.cat(pair) for pair in zip(self.wrong, batch_mistakes, strict=True))
         self.wrong = most_confident(batch_mistakes, self.samples)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -267,7 +289,11 @@ class TestFigures(pl.Callback):
         if not trainer.is_global_zero:
             return
         images, predicted, labels = self.first
-        log_figure(trainer, "test/samples", digit_grid(images, [f"{p} (true {t})" for p, t in zip(predicted.tolist(), labels.tolist())]))
+        log_figure(
+            trainer,
+            "test/samples",
+            digit_grid(images, [f"{p} (true {t})" for p, t in zip(predicted.tolist(), labels.tolist(), strict=True)]),
+        )
         log_figure(trainer, "test/misclassified", mistakes_figure(*mistakes))
         log_figure(trainer, "test/confusion_matrix", confusion_figure(matrix))
 
@@ -359,8 +385,11 @@ class TrainingState(Checkpoint):
             raise Interrupted(self.signal_name)
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"torch_rng": torch.get_rng_state(), "logger_version": self.logger_version,
-                 "mlflow_run_id": self.mlflow_run_id}
+        state = {
+            "torch_rng": torch.get_rng_state(),
+            "logger_version": self.logger_version,
+            "mlflow_run_id": self.mlflow_run_id,
+        }
         if torch.cuda.is_initialized():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         return state

@@ -28,7 +28,9 @@ def check_capture(cfg: DictConfig) -> None:
     steps = cfg.get("steps_per_replay", 1)
     if not cfg.get("compile"):
         if steps != 1:
-            raise InputError(f"steps_per_replay={steps} applies to the captured step only: add compile=true, or drop it")
+            raise InputError(
+                f"steps_per_replay={steps} applies to the captured step only: add compile=true, or drop it"
+            )
         return
     if not is_whole(steps) or steps < 1:
         raise InputError(f"steps_per_replay must be a positive integer, got {steps!r}: pass e.g. steps_per_replay=4")
@@ -41,14 +43,24 @@ def check_capture(cfg: DictConfig) -> None:
     trainer = cfg.trainer
     refusals = {
         "data.augment": (bool(cfg.data.get("augment")), "pass augment=none"),
-        f"trainer.strategy={trainer.get('strategy')}": ("ddp" in str(trainer.get("strategy", "")), "train on one device"),
-        f"trainer.devices={trainer.get('devices')}": (trainer.get("devices", 1) not in (1, "1", [0]), "pass trainer.devices=1"),
-        f"trainer.precision={trainer.get('precision')}": (str(trainer.get("precision", "32-true")) not in ("32", "32-true"),
-                                                           "pass trainer.precision=32-true"),
+        f"trainer.strategy={trainer.get('strategy')}": (
+            "ddp" in str(trainer.get("strategy", "")),
+            "train on one device",
+        ),
+        f"trainer.devices={trainer.get('devices')}": (
+            trainer.get("devices", 1) not in (1, "1", [0]),
+            "pass trainer.devices=1",
+        ),
+        f"trainer.precision={trainer.get('precision')}": (
+            str(trainer.get("precision", "32-true")) not in ("32", "32-true"),
+            "pass trainer.precision=32-true",
+        ),
         "trainer.accumulate_grad_batches": (trainer.get("accumulate_grad_batches", 1) != 1, "drop it"),
         "trainer.gradient_clip_val": (bool(trainer.get("gradient_clip_val")), "drop it"),
-        "scheduler.cycle_momentum=true": (bool(cfg.scheduler.get("cycle_momentum")),
-                                          "pass scheduler.cycle_momentum=false (the graph holds the momentum fixed)"),
+        "scheduler.cycle_momentum=true": (
+            bool(cfg.scheduler.get("cycle_momentum")),
+            "pass scheduler.cycle_momentum=false (the graph holds the momentum fixed)",
+        ),
     }
     for setting, (refused, fix) in refusals.items():
         if refused:
@@ -63,12 +75,19 @@ class CapturedSteps:
     `train_counts` buffer counts (correct, seen) inside the graph.
     """
 
-    def __init__(self, model: torch.nn.Module, data: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-                 normalize: Callable[[torch.Tensor], torch.Tensor], steps: int) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        data: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+        normalize: Callable[[torch.Tensor], torch.Tensor],
+        steps: int,
+    ) -> None:
         self.model, self.data, self.normalize, self.steps = model, data, normalize, steps
         self.indices: torch.Tensor | None = None  # (steps, batch): the graph's input, copied in before each replay
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.loss: torch.Tensor | None = None  # the last step's loss; a graph's output is overwritten by the next replay
+        self.loss: torch.Tensor | None = (
+            None  # the last step's loss; a graph's output is overwritten by the next replay
+        )
         self._kept: list[torch.Tensor] = []  # memory the graph writes to, which Lightning would let go (gradients)
 
     def optimizer_options(self, target: str, lr: float, device: torch.device) -> dict[str, Any]:
@@ -152,7 +171,7 @@ class CapturedSteps:
         yield
         for tensor, value in zip(state, saved, strict=True):
             tensor.copy_(value)
-        for tensor in self._state()[len(state):]:
+        for tensor in self._state()[len(state) :]:
             tensor.zero_()
         torch.set_rng_state(cpu)
         for states in cuda:

@@ -15,7 +15,10 @@ from mnist_lab.errors import InputError, first_line
 from mnist_lab.models import ImageClassifier
 from mnist_lab.trust import is_trusted, targets
 
-HINT = "pass a .ckpt file from a run folder's checkpoints/, e.g. --ckpt outputs/runs/<date>/<time>_lenet/checkpoints/last.ckpt"
+HINT = (
+    "pass a .ckpt file from a run folder's checkpoints/, "
+    "e.g. --ckpt outputs/runs/<date>/<time>_lenet/checkpoints/last.ckpt"
+)
 SLACK_BYTES = 1 << 20  # a model may hold this much beyond its weights (metric states, buffers not saved)
 
 
@@ -31,17 +34,24 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         with zipfile.ZipFile(path) as archive:
             packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
     except (zipfile.BadZipFile, OSError) as e:
-        raise InputError(f"{path} is not a checkpoint that loads safely (not the zip file torch.save writes: {e}): {HINT}") from None
+        raise InputError(
+            f"{path} is not a checkpoint that loads safely (not the zip file torch.save writes: {e}): {HINT}"
+        ) from None
     if packed:
-        raise InputError(f"{path} holds compressed entries ({packed[0]}), which torch.save never writes: "
-                         f"refused, as it could unpack to far more memory than the file's size; {HINT}")
+        raise InputError(
+            f"{path} holds compressed entries ({packed[0]}), which torch.save never writes: "
+            f"refused, as it could unpack to far more memory than the file's size; {HINT}"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors and data only
     except Exception as e:  # truncated, or holding objects we refuse to unpickle
         reason = first_line(e)
         raise InputError(f"{path} is not a checkpoint that loads safely ({reason[:200]}): {HINT}") from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict) \
-            or not isinstance(checkpoint.get("hyper_parameters"), dict):
+    if (
+        not isinstance(checkpoint, dict)
+        or not isinstance(checkpoint.get("state_dict"), dict)
+        or not isinstance(checkpoint.get("hyper_parameters"), dict)
+    ):
         raise InputError(f"{path} is a torch file but not a Lightning checkpoint of mnist_lab: {HINT}")
     return checkpoint
 
@@ -53,17 +63,27 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     cls = _model_class(path, checkpoint)
     # The loss is built with the model: a file may name only classes of mnist_lab's own config groups.
     if untrusted := [t for t in targets(OmegaConf.create(checkpoint["hyper_parameters"])) if not is_trusted(t)]:
-        raise InputError(f"{path} names {untrusted[0]} in its hyperparameters, a class from a module that no config in "
-                         f"conf/ names: {HINT}")
+        raise InputError(
+            f"{path} names {untrusted[0]} in its hyperparameters, a class from a module that no config in "
+            f"conf/ names: {HINT}"
+        )
     weights = checkpoint["state_dict"]
-    held = sum(s.nbytes() for s in {id(t.untyped_storage()): t.untyped_storage() for t in weights.values()
-                                    if isinstance(t, torch.Tensor)}.values())
+    held = sum(
+        s.nbytes()
+        for s in {
+            id(t.untyped_storage()): t.untyped_storage() for t in weights.values() if isinstance(t, torch.Tensor)
+        }.values()
+    )
     try:
         with torch.device("meta"):  # the model's size from its hyperparameters, allocating nothing
-            needed = sum(t.numel() * t.element_size() for t in cls(**checkpoint["hyper_parameters"]).state_dict().values())
+            needed = sum(
+                t.numel() * t.element_size() for t in cls(**checkpoint["hyper_parameters"]).state_dict().values()
+            )
         if needed > held + SLACK_BYTES:
-            raise InputError(f"its hyperparameters describe a model of {needed / 1e6:,.0f} MB, but it holds "
-                             f"{held / 1e6:,.1f} MB of weights; refused rather than allocated")
+            raise InputError(
+                f"its hyperparameters describe a model of {needed / 1e6:,.0f} MB, but it holds "
+                f"{held / 1e6:,.1f} MB of weights; refused rather than allocated"
+            )
         model = cls(**checkpoint["hyper_parameters"])
         model.load_state_dict(weights)
     except (TypeError, ValueError, RuntimeError, InputError) as e:  # arguments or weights that do not fit the class
@@ -76,8 +96,11 @@ def datamodule_for(data: dict[str, Any], data_dir: str | Path, dataset: str | No
     """A data module for a checkpoint's data settings `data`, its official test set of `dataset`
     (default: the checkpoint's own) ready in .test_set, normalized as the model was trained."""
     datamodule = MNISTDataModule(
-        data_dir=str(data_dir), dataset=dataset or data.get("dataset", "MNIST"), mean=data.get("mean", MNIST_MEAN),
-        std=data.get("std", MNIST_STD), download=data.get("download", True),
+        data_dir=str(data_dir),
+        dataset=dataset or data.get("dataset", "MNIST"),
+        mean=data.get("mean", MNIST_MEAN),
+        std=data.get("std", MNIST_STD),
+        download=data.get("download", True),
         verify_checksums=data.get("verify_checksums", True),
     )
     datamodule.prepare_data()

@@ -59,8 +59,12 @@ def ignore_lightning_pytree_deprecation() -> None:
     """Hide the FutureWarning that torch 2.14 gives every fit from Lightning's pytree helper (its
     LeafSpec, which torch deprecates): Lightning's to change, nothing a user can act on. Private:
     the filter names the module that warns, pytorch_lightning.utilities._pytree."""
-    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning,
-                            "pytorch_lightning.utilities._pytree")
+    warnings.filterwarnings(
+        "ignore",
+        r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        FutureWarning,
+        "pytorch_lightning.utilities._pytree",
+    )
 
 
 def phase_methods() -> dict[str, tuple[str, str]]:
@@ -70,6 +74,8 @@ def phase_methods() -> dict[str, tuple[str, str]]:
     return {
         "training epoch": ("pytorch_lightning.loops.training_epoch_loop", "_TrainingEpochLoop.run"),
         "evaluation": ("pytorch_lightning.loops.evaluation_loop", "_EvaluationLoop.run"),
-        "checkpoint load": ("pytorch_lightning.trainer.connectors.checkpoint_connector",
-                            "_CheckpointConnector.resume_start"),
+        "checkpoint load": (
+            "pytorch_lightning.trainer.connectors.checkpoint_connector",
+            "_CheckpointConnector.resume_start",
+        ),
     }

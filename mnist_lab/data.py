@@ -97,7 +97,9 @@ def _stamp(path: Path) -> tuple[str, int, int]:
 
 
 @functools.lru_cache(maxsize=4)  # a data set's two splits, or two data sets'
-def decode(dataset_cls: type, data_dir: str, train: bool, *stamps: tuple[str, int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+def decode(
+    dataset_cls: type, data_dir: str, train: bool, *stamps: tuple[str, int, int]
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(N, 1, 28, 28) uint8 images, (N,) int64 labels and the class count of one split, decoded
     once per process while its files (`stamps`: path, size, mtime) stay the same: a notebook's
     second run reads nothing. Callers index or copy these tensors, never write into them."""
@@ -114,8 +116,10 @@ def check_idx(path: Path, magic: int) -> int:
             header = f.read(header_size)
         size = path.stat().st_size
     except OSError as e:  # permissions, a folder in its place: the file itself may be fine
-        raise InputError(f"cannot read {path} ({e.strerror}): make it readable, or point data.data_dir= or the "
-                         "MNIST_LAB_DATA environment variable at a folder holding a readable copy") from None
+        raise InputError(
+            f"cannot read {path} ({e.strerror}): make it readable, or point data.data_dir= or the "
+            "MNIST_LAB_DATA environment variable at a folder holding a readable copy"
+        ) from None
     if len(header) < header_size:
         raise InputError(f"{path} is truncated ({size} bytes, shorter than its header): {_fix(path.parent)}")
     found, *dims = struct.unpack(f">{1 + ndim}i", header)
@@ -163,8 +167,17 @@ class BatchIndices(Sampler[torch.Tensor]):
     as one (group, batch_size) tensor; `skip` then counts groups.
     """
 
-    def __init__(self, size: int, batch_size: int, generator: torch.Generator | None = None, rank: int = 0,
-                 world_size: int = 1, even: bool = False, skip: int = 0, group: int = 0) -> None:
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        even: bool = False,
+        skip: int = 0,
+        group: int = 0,
+    ) -> None:
         self.size, self.batch_size, self.generator = size, batch_size, generator
         self.rank, self.world_size, self.even, self.skip, self.group = rank, world_size, even, skip, group
         self.epoch_start_state = generator.get_state() if generator is not None else None
@@ -242,14 +255,24 @@ class MNISTDataModule(pl.LightningDataModule):
                 raise InputError(f"data.{key} must be a positive integer, got {value!r}: pass e.g. data.{key}=64")
         for key, value in (("split_seed", split_seed), ("seed", seed), ("num_workers", num_workers)):
             if not is_whole(value) or not 0 <= value < 2**32:
-                raise InputError(f"data.{key} must be a whole number from 0 to 2**32-1, got {value!r}: pass e.g. data.{key}=1")
-        for key, value in (("download", download), ("verify_checksums", verify_checksums), ("pin_memory", pin_memory),
-                           ("on_device", on_device)):
+                raise InputError(
+                    f"data.{key} must be a whole number from 0 to 2**32-1, got {value!r}: pass e.g. data.{key}=1"
+                )
+        for key, value in (
+            ("download", download),
+            ("verify_checksums", verify_checksums),
+            ("pin_memory", pin_memory),
+            ("on_device", on_device),
+        ):
             if not isinstance(value, bool):
-                raise InputError(f"data.{key} must be true or false, got {value!r}: pass data.{key}=true or data.{key}=false")
+                raise InputError(
+                    f"data.{key} must be true or false, got {value!r}: pass data.{key}=true or data.{key}=false"
+                )
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (mean, std)) or not std > 0:
-            raise InputError(f"data.mean and data.std must be finite and data.std > 0, got mean={mean}, std={std}: "
-                             f"pass e.g. data.mean={MNIST_MEAN} data.std={MNIST_STD} (MNIST's)")
+            raise InputError(
+                f"data.mean and data.std must be finite and data.std > 0, got mean={mean}, std={std}: "
+                f"pass e.g. data.mean={MNIST_MEAN} data.std={MNIST_STD} (MNIST's)"
+            )
         dataset_cls = getattr(torchvision.datasets, dataset, None) if dataset in DATASETS else None
         if dataset_cls is None:
             raise InputError(
@@ -261,8 +284,10 @@ class MNISTDataModule(pl.LightningDataModule):
         if isinstance(augment, DictConfig):
             augment = OmegaConf.to_container(augment, resolve=True)
         if augment is not None and not isinstance(augment, dict):
-            raise InputError(f"data.augment must be a config dict ({{'_target_': ...}}), got {type(augment).__name__}: "
-                             "build the data module with hydra.utils.instantiate(cfg.data, _recursive_=False)")
+            raise InputError(
+                f"data.augment must be a config dict ({{'_target_': ...}}), got {type(augment).__name__}: "
+                "build the data module with hydra.utils.instantiate(cfg.data, _recursive_=False)"
+            )
         self.save_hyperparameters()
         # Plain data in the hyperparameters ({"_target_": ..., "degrees": 15, ...}), built here.
         self.augment = instantiate(augment) if augment else None
@@ -307,8 +332,9 @@ class MNISTDataModule(pl.LightningDataModule):
             raise InputError(
                 f"{image_file} holds {n_images} images but {label_file} {n_labels} labels: {_fix(self.raw_dir)}"
             )
-        images, labels, classes = decode(self.dataset_cls, self.hparams.data_dir, split == "train",
-                                         _stamp(image_file), _stamp(label_file))
+        images, labels, classes = decode(
+            self.dataset_cls, self.hparams.data_dir, split == "train", _stamp(image_file), _stamp(label_file)
+        )
         if labels.max() >= classes:
             raise InputError(f"{label_file} holds labels outside 0-{classes - 1}: {_fix(self.raw_dir)}")
         return images, labels
@@ -352,8 +378,16 @@ class MNISTDataModule(pl.LightningDataModule):
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         if train:
             skip, self._resume_at = self._resume_at, 0
-            batches = BatchIndices(len(dataset), batch_size, self.shuffle_generator, rank, world_size, even=True, skip=skip,
-                                   group=self.hparams.captured_steps)
+            batches = BatchIndices(
+                len(dataset),
+                batch_size,
+                self.shuffle_generator,
+                rank,
+                world_size,
+                even=True,
+                skip=skip,
+                group=self.hparams.captured_steps,
+            )
             self.train_batches = batches  # its epoch_start_state goes into checkpoints
             if self.hparams.captured_steps:
                 dataset = IndexBatches(len(dataset), dataset.images.device)
@@ -417,8 +451,9 @@ class MNISTDataModule(pl.LightningDataModule):
         """Raw 0-255 images as the model sees them."""
         return normalize(images, self.hparams.mean, self.hparams.std)
 
-    def on_after_batch_transfer(self, batch: list[torch.Tensor] | torch.Tensor, dataloader_idx: int
-                                ) -> tuple[torch.Tensor, ...] | torch.Tensor:
+    def on_after_batch_transfer(
+        self, batch: list[torch.Tensor] | torch.Tensor, dataloader_idx: int
+    ) -> tuple[torch.Tensor, ...] | torch.Tensor:
         if isinstance(batch, torch.Tensor):  # the captured step's training indices: it gathers them itself
             return batch
         images, labels = batch

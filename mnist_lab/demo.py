@@ -46,8 +46,15 @@ class Demo:
 
     def models(self) -> list[str]:
         """The checkpoints and ONNX files under the models folder, newest first, and the current one."""
-        found = sorted((p for pattern in ("*.ckpt", "*.onnx") for p in self.models_root.rglob(pattern)
-                        if p.is_file() and not p.name.startswith(".")), key=lambda p: -p.stat().st_mtime)
+        found = sorted(
+            (
+                p
+                for pattern in ("*.ckpt", "*.onnx")
+                for p in self.models_root.rglob(pattern)
+                if p.is_file() and not p.name.startswith(".")
+            ),
+            key=lambda p: -p.stat().st_mtime,
+        )
         paths = [str(p.resolve()) for p in found[:MAX_MODELS]]
         return paths if str(self.path) in paths else [str(self.path), *paths]
 
@@ -62,12 +69,19 @@ class Demo:
         start = time.perf_counter()
         if not body:
             raise InputError("an empty request: send the drawing, or an image file")
-        image = DISTORTIONS[distortion](load_image(body).unsqueeze(0)).clamp(0, 255)  # (1, 1, 28, 28), bounded as predict
+        image = DISTORTIONS[distortion](load_image(body).unsqueeze(0)).clamp(
+            0, 255
+        )  # (1, 1, 28, 28), bounded as predict
         probabilities = self.classifier.probabilities(image)[0]
         digit = int(probabilities.argmax())
-        return {"digit": digit, "probabilities": [round(float(p), 6) for p in probabilities],
-                "input": image[0, 0].round().to(torch.uint8).tolist(), "distortion": distortion,
-                "model": str(self.path), "ms": round(1000 * (time.perf_counter() - start), 1)}
+        return {
+            "digit": digit,
+            "probabilities": [round(float(p), 6) for p in probabilities],
+            "input": image[0, 0].round().to(torch.uint8).tolist(),
+            "distortion": distortion,
+            "model": str(self.path),
+            "ms": round(1000 * (time.perf_counter() - start), 1),
+        }
 
 
 async def body_of(request: Request) -> bytes:
@@ -96,8 +110,9 @@ def app_for(demo: Demo) -> Starlette:
             return JSONResponse({"error": str(e)}, status_code=400)
 
     async def models(request: Request) -> JSONResponse:
-        return JSONResponse({"models": demo.models(), "current": str(demo.path), "distortions": list(CHOICES),
-                             "max_body": MAX_BODY})
+        return JSONResponse(
+            {"models": demo.models(), "current": str(demo.path), "distortions": list(CHOICES), "max_body": MAX_BODY}
+        )
 
     async def choose(request: Request) -> JSONResponse:
         try:
@@ -108,8 +123,14 @@ def app_for(demo: Demo) -> Starlette:
             return JSONResponse({"error": 'send {"model": <one of /api/models>}'}, status_code=400)
         return JSONResponse({"current": str(demo.path)})
 
-    return Starlette(routes=[Route("/", index), Route("/api/predict", predict, methods=["POST"]),
-                             Route("/api/models", models), Route("/api/model", choose, methods=["POST"])])
+    return Starlette(
+        routes=[
+            Route("/", index),
+            Route("/api/predict", predict, methods=["POST"]),
+            Route("/api/models", models),
+            Route("/api/model", choose, methods=["POST"]),
+        ]
+    )
 
 
 def free_port(host: str) -> int:
@@ -123,11 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mnist_lab.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, type=Path, help="a checkpoint (.ckpt) or an ONNX export (.onnx)")
     parser.add_argument("--port", type=int, default=0, help="the port to serve on (default: a free one)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="the address to serve on (default 127.0.0.1: this machine only; 0.0.0.0: every network)")
-    parser.add_argument("--models", type=Path, default=None,
-                        help="the folder whose checkpoints and ONNX files the page may switch to "
-                             "(default: the outputs folder above the checkpoint, or its run folder)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the address to serve on (default 127.0.0.1: this machine only; 0.0.0.0: every network)",
+    )
+    parser.add_argument(
+        "--models",
+        type=Path,
+        default=None,
+        help="the folder whose checkpoints and ONNX files the page may switch to "
+        "(default: the outputs folder above the checkpoint, or its run folder)",
+    )
     return parser
 
 
@@ -142,8 +170,10 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"mnist_lab demo of {demo.path}: http://{args.host}:{port}/  (Ctrl-C stops it)", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"Serving every network on {args.host}: anyone who can reach this machine can use the page.",
-              file=sys.stderr)
+        print(
+            f"Serving every network on {args.host}: anyone who can reach this machine can use the page.",
+            file=sys.stderr,
+        )
     uvicorn.run(app_for(demo), host=args.host, port=port, log_level="warning")
 
 

@@ -36,8 +36,9 @@ def config_errors(key: str) -> Iterator[None]:
         cause = cause_of(e)
         if isinstance(cause, InputError):
             raise cause from None
-        raise InputError(f"{key}: {described(cause)}: fix that {key} value "
-                         "(python train.py --help lists them)") from None
+        raise InputError(
+            f"{key}: {described(cause)}: fix that {key} value (python train.py --help lists them)"
+        ) from None
 
 
 def is_whole(value: object) -> bool:

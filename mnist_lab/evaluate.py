@@ -55,15 +55,18 @@ DISTORTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 @torch.inference_mode()
-def logits_of(model: torch.nn.Module, images: torch.Tensor, mean: float, std: float, batch_size: int = 1000) -> torch.Tensor:
+def logits_of(
+    model: torch.nn.Module, images: torch.Tensor, mean: float, std: float, batch_size: int = 1000
+) -> torch.Tensor:
     """(N, C) logits of raw (N, 1, 28, 28) images (0-255), normalized as in training."""
     device = next(model.parameters()).device
     out = [model(normalize(batch.to(device), mean, std)) for batch in images.split(batch_size)]
     return torch.cat(out)
 
 
-def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: float, std: float,
-             batch_size: int = 1000) -> tuple[dict[str, Any], torch.Tensor]:
+def evaluate(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: float, std: float, batch_size: int = 1000
+) -> tuple[dict[str, Any], torch.Tensor]:
     """Accuracy, loss (the model's training loss; cross-entropy for an ONNX file), per-class accuracy
     and the confusion matrix; and the logits."""
     logits = logits_of(model, images, mean, std, batch_size)
@@ -73,21 +76,27 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     metrics = {
         "test/acc": multiclass_accuracy(logits, labels, classes, average="micro").item(),
         "test/loss": criterion(logits, labels).item(),
-        "per_class_acc": {str(c): a for c, a in enumerate(multiclass_accuracy(logits, labels, classes, average=None).tolist())},
+        "per_class_acc": {
+            str(c): a for c, a in enumerate(multiclass_accuracy(logits, labels, classes, average=None).tolist())
+        },
         "confusion_matrix": multiclass_confusion_matrix(logits, labels, classes).tolist(),
     }
     return metrics, logits
 
 
-def robustness(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: float, std: float,
-               batch_size: int = 1000) -> dict[str, float]:
+def robustness(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: float, std: float, batch_size: int = 1000
+) -> dict[str, float]:
     """Test accuracy under each of DISTORTIONS."""
     device = next(model.parameters()).device
     raw = images.to(device).float()
     labels = labels.to(device)
-    return {name: multiclass_accuracy(logits_of(model, distort(raw), mean, std, batch_size), labels,
-                                      model.hparams.num_classes, average="micro").item()
-            for name, distort in DISTORTIONS.items()}
+    return {
+        name: multiclass_accuracy(
+            logits_of(model, distort(raw), mean, std, batch_size), labels, model.hparams.num_classes, average="micro"
+        ).item()
+        for name, distort in DISTORTIONS.items()
+    }
 
 
 def misclassified_figure(images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, count: int = 32) -> Figure:
@@ -117,10 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Evaluate a checkpoint on the official test set.")
     parser.add_argument("--ckpt", required=True, type=Path, help="a .ckpt file that train.py wrote")
     parser.add_argument("--dataset", help="mnist or fashion_mnist (default: the checkpoint's own)")
-    parser.add_argument("--data-dir", type=Path, default=default_data_dir(),
-                        help="folder holding <Dataset>/raw/*-ubyte (default: $MNIST_LAB_DATA or ./data)")
-    parser.add_argument("--robustness", action="store_true", help="also test on transposed, rotated, shifted, "
-                        "scaled, noisy and inverted digits")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=default_data_dir(),
+        help="folder holding <Dataset>/raw/*-ubyte (default: $MNIST_LAB_DATA or ./data)",
+    )
+    parser.add_argument(
+        "--robustness",
+        action="store_true",
+        help="also test on transposed, rotated, shifted, scaled, noisy and inverted digits",
+    )
     parser.add_argument("--out", type=Path, help="output folder (default: a new one under outputs/evaluations)")
     parser.add_argument("--batch-size", type=int, default=1000)
     return parser
@@ -146,8 +162,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     metrics, logits = evaluate(model, images, labels, mean, std, args.batch_size)
     result = {"checkpoint": str(args.ckpt), "model": type(model).__name__, "dataset": dataset, **metrics}
-    figures = {"confusion_matrix": confusion_figure(torch.tensor(metrics["confusion_matrix"])),
-               "misclassified": misclassified_figure(images, labels, logits)}
+    figures = {
+        "confusion_matrix": confusion_figure(torch.tensor(metrics["confusion_matrix"])),
+        "misclassified": misclassified_figure(images, labels, logits),
+    }
     if args.robustness:
         result["robustness"] = robustness(model, images, labels, mean, std, args.batch_size)
         figures["robustness"] = robustness_figure(result["robustness"])
@@ -172,14 +190,19 @@ def check_out_dir(out_dir: Path) -> None:
     if out_dir.is_dir():
         others = [p.name for p in out_dir.iterdir() if not any(fnmatch.fnmatchcase(p.name, o) for o in OUTPUTS)]
         if others:
-            raise InputError(f"--out {out_dir} holds {others[0]}, which evaluate did not write: pass a new or empty folder")
+            raise InputError(
+                f"--out {out_dir} holds {others[0]}, which evaluate did not write: pass a new or empty folder"
+            )
     ensure_writable(out_dir, fix="pass another folder with --out")
 
 
 def report(result: dict[str, Any], out_dir: Path) -> str:
-    lines = [f"{result['model']} on the {result['dataset']} test set ({len(result['confusion_matrix'])} classes)",
-             f"test/acc  {result['test/acc']:.4f}", f"test/loss {result['test/loss']:.4f}",
-             "per class: " + "  ".join(f"{c}: {a:.4f}" for c, a in result["per_class_acc"].items())]
+    lines = [
+        f"{result['model']} on the {result['dataset']} test set ({len(result['confusion_matrix'])} classes)",
+        f"test/acc  {result['test/acc']:.4f}",
+        f"test/loss {result['test/loss']:.4f}",
+        "per class: " + "  ".join(f"{c}: {a:.4f}" for c, a in result["per_class_acc"].items()),
+    ]
     if "robustness" in result:
         lines += ["", f"{'distortion':<12} test accuracy"]
         lines += [f"{name:<12} {accuracy:.4f}" for name, accuracy in result["robustness"].items()]

@@ -30,8 +30,16 @@ def export_onnx(model: torch.nn.Module, out: Path, metadata: dict[str, str]) -> 
     require("onnxscript")  # torch.onnx's exporter builds the graph with it
     model = model.cpu().eval()
     example = torch.zeros(2, 1, 28, 28)
-    torch.onnx.export(model, (example,), str(out), dynamo=True, external_data=False, input_names=["images"],
-                      output_names=["logits"], dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    torch.onnx.export(
+        model,
+        (example,),
+        str(out),
+        dynamo=True,
+        external_data=False,
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+    )
     proto = onnx.load(str(out))
     onnx.helper.set_model_props(proto, metadata)
     onnx.checker.check_model(proto)
@@ -52,8 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ckpt", required=True, type=Path, help="a .ckpt file that train.py wrote")
     parser.add_argument("--format", choices=["onnx"], default="onnx")
     parser.add_argument("--out", required=True, type=Path, help="the file to write, e.g. model.onnx")
-    parser.add_argument("--data-dir", type=Path, default=default_data_dir(),
-                        help="folder holding <Dataset>/raw/*-ubyte, for the parity check (default: $MNIST_LAB_DATA or ./data)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=default_data_dir(),
+        help="folder holding <Dataset>/raw/*-ubyte, for the parity check (default: $MNIST_LAB_DATA or ./data)",
+    )
     return parser
 
 
@@ -62,7 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     with one_line_errors():
         difference = run(args)
     if difference >= TOLERANCE:
-        sys.exit(f"Error: ONNX Runtime's logits differ from PyTorch's by up to {difference:.2e} (limit {TOLERANCE:.0e})")
+        sys.exit(
+            f"Error: ONNX Runtime's logits differ from PyTorch's by up to {difference:.2e} (limit {TOLERANCE:.0e})"
+        )
 
 
 def run(args: argparse.Namespace) -> float:
@@ -70,12 +84,22 @@ def run(args: argparse.Namespace) -> float:
     model, data = load_checkpoint(args.ckpt)
     datamodule = datamodule_for(data, args.data_dir)  # before exporting: a missing data set fails fast
     dataset, mean, std = datamodule.hparams.dataset, datamodule.hparams.mean, datamodule.hparams.std
-    export_onnx(model, args.out, {"mnist_lab.mean": str(mean), "mnist_lab.std": str(std), "mnist_lab.dataset": dataset,
-                                  "mnist_lab.model_class": f"{type(model).__module__}.{type(model).__qualname__}"})
+    export_onnx(
+        model,
+        args.out,
+        {
+            "mnist_lab.mean": str(mean),
+            "mnist_lab.std": str(std),
+            "mnist_lab.dataset": dataset,
+            "mnist_lab.model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        },
+    )
     difference = parity(model, OnnxClassifier(args.out), datamodule.test_set.images[:PARITY_IMAGES])
     print(f"Wrote {args.out.resolve()} ({args.out.stat().st_size / 1e3:.0f} kB, batch dimension dynamic)")
-    print(f"Parity on {PARITY_IMAGES} real {dataset} test digits: max |ONNX Runtime - PyTorch| logit difference "
-          f"{difference:.2e} (limit {TOLERANCE:.0e})")
+    print(
+        f"Parity on {PARITY_IMAGES} real {dataset} test digits: max |ONNX Runtime - PyTorch| logit difference "
+        f"{difference:.2e} (limit {TOLERANCE:.0e})"
+    )
     return difference
 
 

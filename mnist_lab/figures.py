@@ -38,14 +38,25 @@ def digit_grid(images: torch.Tensor, titles: list[str], columns: int = 8) -> Fig
     ax.imshow(mosaic.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.axis("off")
     for i, title in enumerate(titles[:n]):
-        ax.text((i % columns) * cell_w + width / 2 - 0.5, (i // columns) * cell_h + TITLE_ROWS - 1.5, title,
-                ha="center", va="bottom", fontsize=8)
+        ax.text(
+            (i % columns) * cell_w + width / 2 - 0.5,
+            (i // columns) * cell_h + TITLE_ROWS - 1.5,
+            title,
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     return fig
 
 
-def mistakes_figure(images: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor, confidence: torch.Tensor) -> Figure:
+def mistakes_figure(
+    images: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor, confidence: torch.Tensor
+) -> Figure:
     """Misclassified digits titled "predicted (confidence), true label"."""
-    titles = [f"{p} ({c:.0%}), true {t}" for p, t, c in zip(predicted.tolist(), labels.tolist(), confidence.tolist())]
+    titles = [
+        f"{p} ({c:.0%}), true {t}"
+        for p, t, c in zip(predicted.tolist(), labels.tolist(), confidence.tolist(), strict=True)
+    ]
     return digit_grid(images, titles)
 
 
@@ -55,10 +66,14 @@ def confusion_figure(matrix: torch.Tensor) -> Figure:
     ax.imshow(matrix.cpu().numpy(), cmap="Blues")  # no colorbar: every cell prints its count
     n = len(matrix)
     ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title="confusion matrix (test)")
-    for (i, j), count in zip(torch.cartesian_prod(torch.arange(n), torch.arange(n)).tolist(), matrix.flatten().tolist()):
+    for (i, j), count in zip(
+        torch.cartesian_prod(torch.arange(n), torch.arange(n)).tolist(), matrix.flatten().tolist(), strict=True
+    ):
         if count:
             ax.text(j, i, count, ha="center", va="center", fontsize=7, color="white" if i == j else "black")
-    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.1, top=0.93)  # fixed margins: tight_layout costs as much as the drawing
+    fig.subplots_adjust(
+        left=0.1, right=0.97, bottom=0.1, top=0.93
+    )  # fixed margins: tight_layout costs as much as the drawing
     return fig
 
 
@@ -85,10 +100,12 @@ def curves_figure(log_dir: Path) -> Figure:
     panels = [("train/loss", "training loss"), ("val/loss", "validation loss"), ("val/acc", "validation accuracy")]
     fig = Figure(figsize=(13, 3.6))
     axes = fig.subplots(1, 3)
-    for ax, (tag, title) in zip(axes, panels):
+    for ax, (tag, title) in zip(axes, panels, strict=True):
         # A run shorter than trainer.log_every_n_steps has only the epochs' mean training loss.
         if points := scalars.get(tag) or scalars.get(f"{tag}_epoch"):
-            ax.plot([step for step, _ in points], [value for _, value in points], marker="." if len(points) < 50 else None)
+            ax.plot(
+                [step for step, _ in points], [value for _, value in points], marker="." if len(points) < 50 else None
+            )
         ax.set(title=title, xlabel="step")
         ax.grid(alpha=0.3)
     fig.subplots_adjust(left=0.05, right=0.99, bottom=0.14, top=0.91, wspace=0.2)  # fixed: see confusion_figure
@@ -112,14 +129,20 @@ def epoch_history(log_dir: Path, epoch_seconds: list[float]) -> list[dict[str, f
     history, start = [], -1
     # Lightning logs an epoch's validation at the step of its last training step.
     for epoch, (end, acc) in enumerate(scalars.get("val/acc", [])):
-        losses = [value for step, value in scalars.get("train/loss_epoch", []) if start < step <= end] or \
-            [value for step, value in scalars.get("train/loss", []) if start < step <= end]
+        losses = [value for step, value in scalars.get("train/loss_epoch", []) if start < step <= end] or [
+            value for step, value in scalars.get("train/loss", []) if start < step <= end
+        ]
         val_loss = next((value for step, value in scalars.get("val/loss", []) if step == end), None)
         lrs = [value for step, value in scalars.get("train/lr", []) if step <= end]
-        history.append({
-            "epoch": epoch + 1, "train/loss": sum(losses) / len(losses) if losses else None, "val/loss": val_loss,
-            "val/acc": acc, "lr": lrs[-1] if lrs else None,
-            "seconds": epoch_seconds[epoch] if epoch < len(epoch_seconds) else None,
-        })
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train/loss": sum(losses) / len(losses) if losses else None,
+                "val/loss": val_loss,
+                "val/acc": acc,
+                "lr": lrs[-1] if lrs else None,
+                "seconds": epoch_seconds[epoch] if epoch < len(epoch_seconds) else None,
+            }
+        )
         start = end
     return history

@@ -22,10 +22,19 @@ TICKED = 5
 RESULT_GROUPS = ("model", "optimizer", "scheduler", "loss", "data", "trainer")
 # ...less these, which say where the data is, whether to fetch and check it, how batches are
 # loaded, and what is shown or logged.
-BOOKKEEPING = frozenset({
-    "data.data_dir", "data.download", "data.verify_checksums", "data.num_workers", "data.pin_memory",
-    "data.on_device", "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
-})
+BOOKKEEPING = frozenset(
+    {
+        "data.data_dir",
+        "data.download",
+        "data.verify_checksums",
+        "data.num_workers",
+        "data.pin_memory",
+        "data.on_device",
+        "trainer.enable_progress_bar",
+        "trainer.enable_model_summary",
+        "trainer.log_every_n_steps",
+    }
+)
 
 
 def hparams_of(cfg: DictConfig, overrides: Sequence[str] = (), swept: Sequence[str] = ()) -> dict[str, Any]:
@@ -36,10 +45,15 @@ def hparams_of(cfg: DictConfig, overrides: Sequence[str] = (), swept: Sequence[s
     keys, so the table lines up."""
     short = lambda target: target.rsplit(".", 1)[-1]  # noqa: E731
     params: dict[str, Any] = {
-        "model": short(cfg.model._target_), "optimizer": short(cfg.optimizer._target_),
-        "scheduler": short(cfg.scheduler._target_), "loss": short(cfg.loss._target_), "optimizer.lr": cfg.optimizer.lr,
+        "model": short(cfg.model._target_),
+        "optimizer": short(cfg.optimizer._target_),
+        "scheduler": short(cfg.scheduler._target_),
+        "loss": short(cfg.loss._target_),
+        "optimizer.lr": cfg.optimizer.lr,
         "augment": short(cfg.data.augment._target_) if cfg.data.get("augment") else "none",
-        "data.dataset": cfg.data.dataset, "data.batch_size": cfg.data.batch_size, "seed": cfg.seed,
+        "data.dataset": cfg.data.dataset,
+        "data.batch_size": cfg.data.batch_size,
+        "seed": cfg.seed,
         "trainer.max_epochs": cfg.trainer.max_epochs,
     }
     for override in overrides:

@@ -23,16 +23,26 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from mnist_lab.callbacks import Interrupted, OptunaPruning
 from mnist_lab.errors import InputError, cause_of, described
+from mnist_lab.recipe import run
 from mnist_lab.report import write_report
 from mnist_lab.resume import (
-    check_resume_command, check_run_folder, check_sweep_folder, earlier_attempt, record_failed, resume_checkpoint,
+    check_resume_command,
+    check_run_folder,
+    check_sweep_folder,
+    earlier_attempt,
+    record_failed,
+    resume_checkpoint,
     resume_config,
 )
 from mnist_lab.run_folder import (
-    LAST_CHECKPOINT, claim, ensure_writable, record_pruned, resume_command, study_storage,
+    LAST_CHECKPOINT,
+    claim,
+    ensure_writable,
+    record_pruned,
+    resume_command,
+    study_storage,
 )
 from mnist_lab.sweep_folder import in_sweep, load_jobs, record_sweep_keys, recorded_sweep_keys
-from mnist_lab.recipe import run
 
 log = logging.getLogger(__name__)
 # What this process started, for mnist_lab.fit and mnist_lab.sweep to hand back (in the order started).
@@ -74,8 +84,10 @@ def job(cfg: DictConfig) -> float:
         else:
             how = f"Resume with:\n  {resume_command(out_dir)}"
             if multirun:
-                how = f"Resume the sweep with:\n  {resume_command(Path(hydra_cfg.sweep.dir))}\nor this job alone with:" \
-                      f"\n  {resume_command(out_dir)}"
+                how = (
+                    f"Resume the sweep with:\n  {resume_command(Path(hydra_cfg.sweep.dir))}\nor this job alone with:"
+                    f"\n  {resume_command(out_dir)}"
+                )
             print(f"Stopped by {e.signal_name}; a checkpoint is saved. {how}", file=sys.stderr)
         sys.exit(e.exit_code)
     except Exception as e:  # noqa: BLE001  every failure is recorded; bad input and the machine's get one line
@@ -100,8 +112,11 @@ def kept(job: int, metrics: dict[str, Any]) -> float:
         ended = "finished" if metrics["status"] == "ok" else "was pruned"
         log.info("Job %d %s in an earlier attempt at this sweep: kept (val/acc %.4f)", job, ended, metrics["val/acc"])
         return metrics["val/acc"]
-    log.error("Error: job %d failed in an earlier attempt at this sweep (%s): kept; add rerun_failed=true to run it "
-              "again", job, metrics.get("error"))
+    log.error(
+        "Error: job %d failed in an earlier attempt at this sweep (%s): kept; add rerun_failed=true to run it again",
+        job,
+        metrics.get("error"),
+    )
     return math.nan
 
 
@@ -139,6 +154,7 @@ class CheckOutputDir(Callback):
             return
         folder = Path(config.hydra.run.dir)
         if config.get("resume"):
+
             def check() -> None:
                 check_resume_command(folder, config.hydra.overrides.task)
                 resume_config(folder, compose_train, config.trusted_targets)  # refuses code the folder names

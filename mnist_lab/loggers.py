@@ -41,14 +41,16 @@ class TensorBoard(TensorBoardLogger):
             super().log_metrics(metrics, step)
 
 
-def build_loggers(cfg: DictConfig, out_dir: Path, tensorboard: dict[str, Any], run_name: str,
-                  mlflow_run_id: str | None = None) -> list[Logger]:
+def build_loggers(
+    cfg: DictConfig, out_dir: Path, tensorboard: dict[str, Any], run_name: str, mlflow_run_id: str | None = None
+) -> list[Logger]:
     """cfg.logger's loggers, TensorBoard first (the trainer's `logger`, which names the run's
     folders): `tensorboard` are its run's arguments (name, purge_step), `run_name` the name of
     the run elsewhere, `mlflow_run_id` an MLflow run to go on with (a resumed run's)."""
     if not isinstance(cfg.logger, DictConfig) or cfg.logger.get("tensorboard") is None:
-        raise InputError("logger: TensorBoard is always on; add others with logger=csv, logger=mlflow or "
-                         "logger=[csv,mlflow]")
+        raise InputError(
+            "logger: TensorBoard is always on; add others with logger=csv, logger=mlflow or logger=[csv,mlflow]"
+        )
     loggers = []
     for key in ["tensorboard", *(k for k in cfg.logger if k != "tensorboard")]:
         with config_errors(f"logger.{key}"):
@@ -70,8 +72,10 @@ def mlflow_logger(conf: DictConfig, out_dir: Path, run_name: str, run_id: str | 
     folder = out_dir.parent if in_sweep(out_dir) else out_dir
     uri = conf.get("tracking_uri")
     if not uri:
-        store = {"tracking_uri": f"sqlite:///{(folder / MLFLOW_STORE).resolve()}",
-                 "artifact_location": str((folder / MLFLOW_ARTIFACTS).resolve())}
+        store = {
+            "tracking_uri": f"sqlite:///{(folder / MLFLOW_STORE).resolve()}",
+            "artifact_location": str((folder / MLFLOW_ARTIFACTS).resolve()),
+        }
     elif uri.startswith("sqlite:///") and not conf.get("artifact_location"):  # not MLflow's ./mlruns in the cwd
         store = {"artifact_location": str(Path(uri.removeprefix("sqlite:///")).resolve().parent / MLFLOW_ARTIFACTS)}
     else:  # a server keeps its own artifacts
@@ -93,8 +97,11 @@ def forget_after(loggers: Sequence[Logger], step: int) -> None:
         path, rows = Path(logger.log_dir) / "metrics.csv", []
         if path.is_file():
             with open(path, newline="") as f:
-                rows = [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)
-                        if not row.get("step") or int(float(row["step"])) < step]
+                rows = [
+                    {k: v for k, v in row.items() if v != ""}
+                    for row in csv.DictReader(f)
+                    if not row.get("step") or int(float(row["step"])) < step
+                ]
         with warnings.catch_warnings():  # Lightning's writer starts by deleting the file: its rows are kept here
             warnings.simplefilter("ignore")
             writer = logger.experiment

@@ -57,7 +57,7 @@ def to_mnist(image: Image.Image) -> torch.Tensor:
         raise InputError("no digit found: the image is blank (one shade throughout)")
     ink /= ink.max()
     rows, cols = np.nonzero(ink > INK_THRESHOLD)
-    ink = ink[rows.min(): rows.max() + 1, cols.min(): cols.max() + 1]  # crop to the digit
+    ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]  # crop to the digit
     height, width = ink.shape
     factor = BOX / max(height, width)
     size = (max(1, round(width * factor)), max(1, round(height * factor)))
@@ -69,7 +69,7 @@ def to_mnist(image: Image.Image) -> torch.Tensor:
     top = int(np.clip(round((FIELD - 1) / 2 - com_y), 0, FIELD - digit.shape[0]))
     left = int(np.clip(round((FIELD - 1) / 2 - com_x), 0, FIELD - digit.shape[1]))
     field = np.zeros((FIELD, FIELD), dtype=np.float32)
-    field[top: top + digit.shape[0], left: left + digit.shape[1]] = digit
+    field[top : top + digit.shape[0], left : left + digit.shape[1]] = digit
     return torch.from_numpy(field * 255).unsqueeze(0)
 
 
@@ -78,14 +78,18 @@ def load_image(source: Path | bytes) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:  # reads the header only
             if image.width * image.height > MAX_PIXELS:  # Pillow refuses only above 179 million: gigabytes as floats
-                raise InputError(f"{image.width} x {image.height} pixels is more than the {MAX_PIXELS / 1e6:.0f} megapixels "
-                                 "predict reads: scale the image down (a digit needs a few hundred pixels)")
+                raise InputError(
+                    f"{image.width} x {image.height} pixels is more than the {MAX_PIXELS / 1e6:.0f} megapixels "
+                    "predict reads: scale the image down (a digit needs a few hundred pixels)"
+                )
             image.load()
             return to_mnist(image)
     except FileNotFoundError:
         raise InputError("no such file") from None
     except UnidentifiedImageError:
-        raise InputError("cannot read it as an image: not a format Pillow knows (PNG, JPEG, BMP, GIF, TIFF, ...)") from None
+        raise InputError(
+            "cannot read it as an image: not a format Pillow knows (PNG, JPEG, BMP, GIF, TIFF, ...)"
+        ) from None
     except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:  # Pillow's other ways of failing
         raise InputError(f"cannot read it as an image ({first_line(e)})") from None
 
@@ -106,10 +110,16 @@ def as_mnist_batch(images: Any) -> torch.Tensor:
         return to_mnist(images).unsqueeze(0)
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
-    if not isinstance(images, torch.Tensor) or images.shape[-2:] != (FIELD, FIELD) or images.dim() > 4 \
-            or (images.dim() == 4 and images.shape[1] != 1):
-        raise InputError(f"cannot classify {type(images).__name__} {tuple(getattr(images, 'shape', ()))}: pass a path, "
-                         "a PIL image, or a tensor of 28 x 28 pixels shaped (28, 28), (N, 28, 28) or (N, 1, 28, 28)")
+    if (
+        not isinstance(images, torch.Tensor)
+        or images.shape[-2:] != (FIELD, FIELD)
+        or images.dim() > 4
+        or (images.dim() == 4 and images.shape[1] != 1)
+    ):
+        raise InputError(
+            f"cannot classify {type(images).__name__} {tuple(getattr(images, 'shape', ()))}: pass a path, "
+            "a PIL image, or a tensor of 28 x 28 pixels shaped (28, 28), (N, 28, 28) or (N, 1, 28, 28)"
+        )
     pixels = images.detach().cpu().float().reshape(-1, 1, FIELD, FIELD)
     if not torch.isfinite(pixels).all():
         raise InputError("the images hold NaN or infinite pixels: pass pixels from 0 to 255 (or 0 to 1)")
@@ -121,7 +131,9 @@ def require(module: str):
     try:
         return __import__(module)
     except ImportError:
-        raise InputError(f"{module} is not installed: pip install -e \".[onnx]\" adds onnx, onnxscript and onnxruntime") from None
+        raise InputError(
+            f'{module} is not installed: pip install -e ".[onnx]" adds onnx, onnxscript and onnxruntime'
+        ) from None
 
 
 class OnnxClassifier:
@@ -131,20 +143,26 @@ class OnnxClassifier:
     def __init__(self, path: Path) -> None:
         ort = require("onnxruntime")
         if not path.is_file():
-            raise InputError(f"no ONNX file at {path}: write one with python -m mnist_lab.export --ckpt ... --out {path}")
+            raise InputError(
+                f"no ONNX file at {path}: write one with python -m mnist_lab.export --ckpt ... --out {path}"
+            )
         try:
             self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
             raise InputError(f"{path} is not an ONNX model ONNX Runtime can load ({first_line(e)[:200]})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         if "mnist_lab.mean" not in meta:
-            raise InputError(f"{path} was not exported by mnist_lab (no normalization in its metadata): "
-                             "export it with python -m mnist_lab.export")
+            raise InputError(
+                f"{path} was not exported by mnist_lab (no normalization in its metadata): "
+                "export it with python -m mnist_lab.export"
+            )
         try:
             self.mean, self.std = float(meta["mnist_lab.mean"]), float(meta["mnist_lab.std"])
         except (KeyError, ValueError):
-            raise InputError(f"{path} has a malformed mnist_lab.mean or mnist_lab.std in its metadata: export it again "
-                             "with python -m mnist_lab.export") from None
+            raise InputError(
+                f"{path} has a malformed mnist_lab.mean or mnist_lab.std in its metadata: export it again "
+                "with python -m mnist_lab.export"
+            ) from None
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -191,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Classify image files with a trained checkpoint or ONNX file.")
     parser.add_argument("--ckpt", required=True, type=Path, help="a .ckpt file train.py wrote, or an .onnx export")
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    parser.add_argument("--json", action="store_true", help='print a JSON list of {"path", "digit", "probability", "probabilities"}')
+    parser.add_argument(
+        "--json", action="store_true", help='print a JSON list of {"path", "digit", "probability", "probabilities"}'
+    )
     return parser
 
 

@@ -22,16 +22,19 @@ from mnist_lab.compat import ignore_lightning_pytree_deprecation
 from mnist_lab.errors import InputError, config_errors, is_whole
 from mnist_lab.figures import plot_curves
 from mnist_lab.hparams import hparams_of, log_hparams
-from mnist_lab.sweep_folder import run_name
 from mnist_lab.loggers import build_loggers, finish_loggers, forget_after
 from mnist_lab.run_folder import LAST_CHECKPOINT, METRICS_FILE, ensure_writable, record_finished, record_interrupted
+from mnist_lab.sweep_folder import run_name
 
 log = logging.getLogger(__name__)
 # Lightning advertises its cloud logger at every Trainer start, in every run's log: drop that line.
-logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+    lambda record: "litlogger" not in record.getMessage()
+)
 # Nor is its note that it adds no default summary beside ours (callbacks.model_summary) news to anyone.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
-    lambda record: "Skipping setting a default `ModelSummary` callback" not in record.getMessage())
+    lambda record: "Skipping setting a default `ModelSummary` callback" not in record.getMessage()
+)
 # A resumed run goes on in its own checkpoints/ folder: that it is not empty is the point.
 warnings.filterwarnings("ignore", r"Checkpoint directory .* exists and is not empty\.", UserWarning)
 # In-memory batches need no loader workers; Lightning's advice to add some does not apply.
@@ -42,8 +45,14 @@ warnings.filterwarnings("ignore", ".*The `srun` command is available on your sys
 ignore_lightning_pytree_deprecation()  # in every fit: Lightning's to change, nothing a user can act on
 
 
-def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swept: Sequence[str] = (),
-        resume_from: str | Path | None = None, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
+def run(
+    cfg: DictConfig,
+    out_dir: str | Path,
+    overrides: Sequence[str] = (),
+    swept: Sequence[str] = (),
+    resume_from: str | Path | None = None,
+    extra_callbacks: Sequence[pl.Callback] = (),
+) -> dict[str, Any]:
     """Train and test one configuration in out_dir and return its metrics. `overrides` (the command
     line's) join the HPARAMS tab where they can change the results (mnist_lab.hparams.hparams_of);
     `swept` (a sweep's keys) name the TensorBoard run and get HPARAMS' ticked columns; `resume_from`,
@@ -66,11 +75,16 @@ def run(cfg: DictConfig, out_dir: str | Path, overrides: Sequence[str] = (), swe
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         # Read now: testing the best checkpoint restores the callbacks' state as it was then.
         fit_time, epoch_times = timer.fit_time, list(timer.epoch_times)
-        (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=best.best_model_path, verbose=False,
-                               weights_only=True)
+        (test,) = trainer.test(
+            model, datamodule=datamodule, ckpt_path=best.best_model_path, verbose=False, weights_only=True
+        )
     metrics = {
-        "status": "ok", "val/acc": best.best_model_score.item(), "test/acc": test["test/acc"], "test/loss": test["test/loss"],
-        "epochs": trainer.current_epoch, "fit_time_s": round(fit_time, 3),
+        "status": "ok",
+        "val/acc": best.best_model_score.item(),
+        "test/acc": test["test/acc"],
+        "test/loss": test["test/loss"],
+        "epochs": trainer.current_epoch,
+        "fit_time_s": round(fit_time, 3),
         "epoch_train_time_s": [round(t, 3) for t in epoch_times],
         "best_checkpoint": str(Path(best.best_model_path).relative_to(out_dir)),
         **({"resumed_from_step": logger_kwargs["purge_step"]} if resume_from else {}),
@@ -84,25 +98,36 @@ def best_checkpoint(cfg: DictConfig, out_dir: Path) -> ModelCheckpoint:
     """The callback that keeps the best checkpoint by val/acc, which the run tests."""
     if cfg.callbacks.get("checkpoint") is None:
         raise InputError(
-            "callbacks.checkpoint=null leaves no best checkpoint to test: keep callbacks.checkpoint (drop that override)"
+            "callbacks.checkpoint=null leaves no best checkpoint to test: "
+            "keep callbacks.checkpoint (drop that override)"
         )
     best = build_callback(cfg, "checkpoint")
     if not isinstance(best, ModelCheckpoint):
-        raise InputError(f"callbacks.checkpoint must be a ModelCheckpoint, got {type(best).__name__}: drop that override")
+        raise InputError(
+            f"callbacks.checkpoint must be a ModelCheckpoint, got {type(best).__name__}: drop that override"
+        )
     if (best.monitor, best.mode) != ("val/acc", "max"):  # the run reports its best_model_score as val/acc
-        raise InputError(f"callbacks.checkpoint keeps the best val/acc (monitor=val/acc, mode=max), got "
-                         f"monitor={best.monitor}, mode={best.mode}: drop those overrides")
+        raise InputError(
+            f"callbacks.checkpoint keeps the best val/acc (monitor=val/acc, mode=max), got "
+            f"monitor={best.monitor}, mode={best.mode}: drop those overrides"
+        )
     if best.dirpath is None:
         best.dirpath = str(out_dir / "checkpoints")  # not under the logger's run name
     return best
 
 
-def build_trainer(cfg: DictConfig, out_dir: Path, logger_kwargs: dict[str, Any], callbacks: list[pl.Callback]
-                  ) -> pl.Trainer:
+def build_trainer(
+    cfg: DictConfig, out_dir: Path, logger_kwargs: dict[str, Any], callbacks: list[pl.Callback]
+) -> pl.Trainer:
     """The trainer, writing into out_dir through the configured loggers (TensorBoard first)."""
     tensorboard = {k: v for k, v in logger_kwargs.items() if k in ("version", "purge_step")}
-    loggers = build_loggers(cfg, out_dir, tensorboard, run_name=logger_kwargs.get("version") or out_dir.name,
-                            mlflow_run_id=logger_kwargs.get("mlflow_run_id"))
+    loggers = build_loggers(
+        cfg,
+        out_dir,
+        tensorboard,
+        run_name=logger_kwargs.get("version") or out_dir.name,
+        mlflow_run_id=logger_kwargs.get("mlflow_run_id"),
+    )
     if "purge_step" in logger_kwargs:
         forget_after(loggers, logger_kwargs["purge_step"])
     with config_errors("trainer"):
@@ -129,8 +154,14 @@ def recording_stops(trainer: pl.Trainer, out_dir: Path) -> Iterator[None]:
         raise stopped from None
 
 
-def finish(cfg: DictConfig, out_dir: Path, loggers: Sequence[pl.loggers.Logger], metrics: dict[str, Any],
-           overrides: Sequence[str], swept: Sequence[str]) -> None:
+def finish(
+    cfg: DictConfig,
+    out_dir: Path,
+    loggers: Sequence[pl.loggers.Logger],
+    metrics: dict[str, Any],
+    overrides: Sequence[str],
+    swept: Sequence[str],
+) -> None:
     """The run's last files: HPARAMS with the final metrics, curves.png, metrics.json, the same to
     the other loggers; a summary."""
     params = hparams_of(cfg, overrides, swept)
@@ -141,9 +172,15 @@ def finish(cfg: DictConfig, out_dir: Path, loggers: Sequence[pl.loggers.Logger],
     finish_loggers(loggers, params, [out_dir / "curves.png", out_dir / METRICS_FILE])
     logdir = "outputs" if out_dir.resolve().is_relative_to(Path("outputs").resolve()) else out_dir
     log.info(
-        "Run folder: %s\nTest accuracy: %.2f%% (best val/acc %.2f%%, %d epoch%s, %.1f s)\nTensorBoard: tensorboard --logdir %s",
-        out_dir, 100 * metrics["test/acc"], 100 * metrics["val/acc"], metrics["epochs"], "" if metrics["epochs"] == 1 else "s",
-        metrics["fit_time_s"], logdir,
+        "Run folder: %s\nTest accuracy: %.2f%% (best val/acc %.2f%%, %d epoch%s, %.1f s)\n"
+        "TensorBoard: tensorboard --logdir %s",
+        out_dir,
+        100 * metrics["test/acc"],
+        100 * metrics["val/acc"],
+        metrics["epochs"],
+        "" if metrics["epochs"] == 1 else "s",
+        metrics["fit_time_s"],
+        logdir,
     )
 
 
@@ -152,18 +189,22 @@ def check_config(cfg: DictConfig) -> None:
     for key, low, example in (("seed", 0, 1), ("trainer.max_epochs", 1, 5), ("trainer.log_every_n_steps", 1, 50)):
         value = OmegaConf.select(cfg, key)
         if not is_whole(value) or not low <= value < 2**32:
-            raise InputError(f"{key} must be at least {low} (a whole number below 2**32), got {value!r}: "
-                             f"pass e.g. {key}={example}")
+            raise InputError(
+                f"{key} must be at least {low} (a whole number below 2**32), got {value!r}: pass e.g. {key}={example}"
+            )
     if not isinstance(cfg.compile, bool):
         raise InputError(f"compile must be true or false, got {cfg.compile!r}: pass compile=true or compile=false")
     if "spawn" in str(cfg.trainer.get("strategy", "")):
         raise InputError(
             f"trainer.strategy={cfg.trainer.strategy} is not supported: it trains in processes of its own, where "
-            "mnist_lab's callbacks (timing, checkpoints for resume, signals) do not reach. Use trainer=ddp or trainer=ddp_cpu"
+            "mnist_lab's callbacks (timing, checkpoints for resume, signals) do not reach. "
+            "Use trainer=ddp or trainer=ddp_cpu"
         )
     check_capture(cfg)
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
-        raise InputError("trainer=gpu, but PyTorch sees no CUDA GPU here: use trainer=cpu, or the default, which picks one")
+        raise InputError(
+            "trainer=gpu, but PyTorch sees no CUDA GPU here: use trainer=cpu, or the default, which picks one"
+        )
 
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
@@ -173,22 +214,33 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
     with config_errors("data"):  # data.augment stays plain data, built by the data module
         datamodule = instantiate(cfg.data, _recursive_=False, _convert_="all", **captured)
     with config_errors("model"):
-        model = instantiate(cfg.model, optimizer=cfg.optimizer, scheduler=cfg.scheduler, loss=cfg.loss, _recursive_=False,
-                            _convert_="all")
+        model = instantiate(
+            cfg.model,
+            optimizer=cfg.optimizer,
+            scheduler=cfg.scheduler,
+            loss=cfg.loss,
+            _recursive_=False,
+            _convert_="all",
+        )
     if captured:
         train_set = lambda: (datamodule.train_set.images, datamodule.train_set.labels)  # noqa: E731  once set up
         model.captured = CapturedSteps(model, train_set, datamodule.normalize, cfg.steps_per_replay)
         # The captured step returns no loss for Lightning to step on (it has stepped), and the
         # learning rate is a tensor, which LearningRateMonitor copies with torch.tensor: no warnings.
         warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")
-        warnings.filterwarnings("ignore", "To copy construct from a tensor", module="pytorch_lightning.callbacks.lr_monitor")
+        warnings.filterwarnings(
+            "ignore", "To copy construct from a tensor", module="pytorch_lightning.callbacks.lr_monitor"
+        )
     return datamodule, model
 
 
-
-
-def logger_run(out_dir: Path, swept: Sequence[str], overrides: Sequence[str], resume_from: str | Path | None,
-               model: pl.LightningModule) -> dict[str, Any]:
+def logger_run(
+    out_dir: Path,
+    swept: Sequence[str],
+    overrides: Sequence[str],
+    resume_from: str | Path | None,
+    model: pl.LightningModule,
+) -> dict[str, Any]:
     """The logger's run: named by the swept values in a sweep; for a resumed run, the one in its
     checkpoint, with `purge_step` so that TensorBoard drops the steps logged after that
     checkpoint by the stopped process (they are trained and logged again)."""
@@ -200,8 +252,10 @@ def logger_run(out_dir: Path, swept: Sequence[str], overrides: Sequence[str], re
     checkpoint = read_checkpoint(resume_from)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if hasattr(v, "shape")} != expected:
-        raise InputError(f"{resume_from} does not hold this run's {type(model).__name__}: its weights have other "
-                         f"names or shapes; start a new run instead")
+        raise InputError(
+            f"{resume_from} does not hold this run's {type(model).__name__}: its weights have other "
+            f"names or shapes; start a new run instead"
+        )
     state = checkpoint.get("callbacks", {}).get(TrainingState.__qualname__, {})
     run = {"purge_step": checkpoint["global_step"]}  # the first step the resumed run logs
     if state.get("logger_version") is not None:

@@ -24,13 +24,18 @@ from mnist_lab.errors import InputError, one_line_errors
 from mnist_lab.sweep_folder import METRICS, best_job, compact, load_jobs, recorded_sweep_keys
 
 
-
 def swept_keys(jobs: list[dict[str, Any]], declared: list[str] = ()) -> list[str]:
     """The keys the sweep declared (sweep.json), then other override keys whose values differ
     between jobs, in command-line order. A search that drew one value twice still shows it."""
     keys = list(dict.fromkeys(k for job in jobs for k in job["overrides"]))
-    return list(dict.fromkeys([*(k for k in declared if k in keys),
-                               *(k for k in keys if len({job["overrides"].get(k) for job in jobs}) > 1)]))
+    return list(
+        dict.fromkeys(
+            [
+                *(k for k in declared if k in keys),
+                *(k for k in keys if len({job["overrides"].get(k) for job in jobs}) > 1),
+            ]
+        )
+    )
 
 
 def by_configuration(jobs: list[dict[str, Any]], keys: list[str]) -> dict[tuple, list[dict[str, Any]]]:
@@ -51,11 +56,19 @@ def csv_text(jobs: list[dict[str, Any]], keys: list[str], best: dict | None) -> 
     writer = csv.writer(out)
     writer.writerow(["job", *keys, "status", *METRICS, "epochs", "fit_time_s", "best", "error", "pruned_at_epoch"])
     for job in jobs:
-        writer.writerow([
-            job["job"], *(job["overrides"].get(k, "") for k in keys), job.get("status"),
-            *(job.get(m, "") for m in METRICS), job.get("epochs", ""), job.get("fit_time_s", ""),
-            job is best, job.get("error", ""), job.get("pruned_at_epoch", ""),
-        ])
+        writer.writerow(
+            [
+                job["job"],
+                *(job["overrides"].get(k, "") for k in keys),
+                job.get("status"),
+                *(job.get(m, "") for m in METRICS),
+                job.get("epochs", ""),
+                job.get("fit_time_s", ""),
+                job is best,
+                job.get("error", ""),
+                job.get("pruned_at_epoch", ""),
+            ]
+        )
     return out.getvalue()
 
 
@@ -80,22 +93,37 @@ def markdown(sweep_dir: Path, jobs: list[dict[str, Any]], keys: list[str], best:
     lines.append("")
     if best:
         setting = " ".join(f"{k}={compact(best['overrides'].get(k, ''))}" for k in keys)
-        lines += [f"Best by val/acc: job {best['job']} ({setting}): val/acc {best['val/acc']:.4f}, "
-                  f"test/acc {best['test/acc']:.4f}. The test set is reported, never used to choose.", ""]
+        lines += [
+            f"Best by val/acc: job {best['job']} ({setting}): val/acc {best['val/acc']:.4f}, "
+            f"test/acc {best['test/acc']:.4f}. The test set is reported, never used to choose.",
+            "",
+        ]
     if "seed" in keys:
         others = [k for k in keys if k != "seed"]
-        lines += ["## Over seeds (mean ± std)", "", "| " + " | ".join([*others, "runs", *METRICS]) + " |",
-                  "|" + " --- |" * (len(others) + 1 + len(METRICS))]
+        lines += [
+            "## Over seeds (mean ± std)",
+            "",
+            "| " + " | ".join([*others, "runs", *METRICS]) + " |",
+            "|" + " --- |" * (len(others) + 1 + len(METRICS)),
+        ]
         for values, group in by_configuration(jobs, others).items():
             stats = [mean_std([job[m] for job in group]) for m in METRICS]
             lines.append("| " + " | ".join([*map(str, values), str(len(group)), *stats]) + " |")
         lines.append("")
-    order = [s for s in dict.fromkeys(["ok", "pruned", "running", "interrupted", *(j.get("status") for j in jobs)])
-             if s != "failed"] + ["failed"]
+    order = [
+        s
+        for s in dict.fromkeys(["ok", "pruned", "running", "interrupted", *(j.get("status") for j in jobs)])
+        if s != "failed"
+    ] + ["failed"]
     count = {status: sum(job.get("status") == status for job in jobs) for status in order}
     explained = {"pruned": " (stopped early by Optuna's pruner, not candidates for best)"}
-    lines.append(f"{len(jobs)} jobs: " + ", ".join(f"{n} {status}{explained.get(status, '')}" for status, n in count.items()
-                                                   if n or status in ("ok", "failed")) + ".")
+    lines.append(
+        f"{len(jobs)} jobs: "
+        + ", ".join(
+            f"{n} {status}{explained.get(status, '')}" for status, n in count.items() if n or status in ("ok", "failed")
+        )
+        + "."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -103,22 +131,37 @@ def plot(path: Path, jobs: list[dict[str, Any]], keys: list[str]) -> None:
     """val/acc as a heatmap over two swept parameters (seeds averaged), as a bar per configuration
     for one, and by job for more (a search such as sweep=optuna), with the best so far."""
     params = [k for k in keys if k != "seed"]
-    groups = {values: statistics.mean(job["val/acc"] for job in group)
-              for values, group in by_configuration(jobs, params).items()}
+    groups = {
+        values: statistics.mean(job["val/acc"] for job in group)
+        for values, group in by_configuration(jobs, params).items()
+    }
     fig = Figure(figsize=(7, 5), layout="constrained")
     ax = fig.subplots()
     if len(params) == 2 and groups:
         rows, cols = (sorted({v[i] for v in groups}, key=_numeric_first) for i in (0, 1))
         grid = [[groups.get((r, c), float("nan")) for c in cols] for r in rows]
         image = ax.imshow(grid, cmap="viridis", aspect="auto")
-        ax.set(xticks=range(len(cols)), xticklabels=[compact(c) for c in cols], yticks=range(len(rows)),
-               yticklabels=[compact(r) for r in rows], xlabel=params[1], ylabel=params[0], title="val/acc")
+        ax.set(
+            xticks=range(len(cols)),
+            xticklabels=[compact(c) for c in cols],
+            yticks=range(len(rows)),
+            yticklabels=[compact(r) for r in rows],
+            xlabel=params[1],
+            ylabel=params[0],
+            title="val/acc",
+        )
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
                 failed = math.isnan(value)
                 bright = not failed and image.norm(value) > 0.5  # dark text on the light end of viridis
-                ax.text(j, i, "failed" if failed else f"{value:.4f}", ha="center", va="center",
-                        color="black" if bright else "white")
+                ax.text(
+                    j,
+                    i,
+                    "failed" if failed else f"{value:.4f}",
+                    ha="center",
+                    va="center",
+                    color="black" if bright else "white",
+                )
         fig.colorbar(image, ax=ax)
     elif len(params) > 2:
         done = [job for job in jobs if job.get("status") == "ok"]
@@ -131,8 +174,9 @@ def plot(path: Path, jobs: list[dict[str, Any]], keys: list[str]) -> None:
             ax.set_ylim(max(0.0, _lower_limit(values)), 1.0)
         ax.legend(loc="best")
     else:
-        labels = [" ".join(f"{k}={compact(v)}" for k, v in zip(params, values, strict=True)) or "run"
-                  for values in groups]
+        labels = [
+            " ".join(f"{k}={compact(v)}" for k, v in zip(params, values, strict=True)) or "run" for values in groups
+        ]
         ax.barh(labels, list(groups.values()))
         ax.set(xlabel="val/acc", title="val/acc by configuration (failed jobs left out)")
         if groups:

@@ -9,5 +9,6 @@ def register() -> None:
     """Register mnist_lab's resolvers with OmegaConf; again is harmless."""
     # resume=<folder> makes that folder the run's, and keeps its .hydra/ as it was started.
     OmegaConf.register_new_resolver("mnist_lab.resume_or", lambda resume, new: resume or new, replace=True)
-    OmegaConf.register_new_resolver("mnist_lab.unless_resume", lambda resume, value: None if resume else value,
-                                    replace=True)
+    OmegaConf.register_new_resolver(
+        "mnist_lab.unless_resume", lambda resume, value: None if resume else value, replace=True
+    )

@@ -12,8 +12,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from mnist_lab.errors import Diverged, InputError, described, first_line
 from mnist_lab.run_folder import (
-    CHECKPOINTS, CONFIG_FILE, LAST_CHECKPOINT, METRICS_FILE, OVERRIDES_FILE, RERUN_FAILED, SWEEP_FILE, SWEEP_FILES,
-    check_ours, foreign_file, matches, read_metrics, resume_command, write_metrics,
+    CHECKPOINTS,
+    CONFIG_FILE,
+    LAST_CHECKPOINT,
+    METRICS_FILE,
+    OVERRIDES_FILE,
+    RERUN_FAILED,
+    SWEEP_FILE,
+    SWEEP_FILES,
+    check_ours,
+    foreign_file,
+    matches,
+    read_metrics,
+    resume_command,
+    write_metrics,
 )
 from mnist_lab.trust import is_trusted, targets, trusted_modules
 
@@ -29,7 +41,9 @@ def start_over_command(folder: Path) -> str:
 def resume_checkpoint(folder: Path, quiet: bool = False) -> Path | None:
     """The checkpoint a run in `folder` goes on from: last.ckpt, or, if that does not load (damaged
     outside mnist_lab, which writes it whole), the newest other one that does. None without one."""
-    candidates = sorted((folder / CHECKPOINTS).glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", -p.stat().st_mtime))
+    candidates = sorted(
+        (folder / CHECKPOINTS).glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", -p.stat().st_mtime)
+    )
     if not candidates:
         return None
     from mnist_lab.checkpoint import read_checkpoint  # torch: only where there is a checkpoint to read
@@ -73,24 +87,32 @@ def check_resumable(folder: Path) -> Path:
     """The checkpoint the run in `folder` goes on from, or an InputError saying why it cannot and how
     to start over."""
     if not (folder / CONFIG_FILE).is_file() or not (folder / OVERRIDES_FILE).is_file():
-        raise InputError(f"resume={folder}: not a run folder (no {OVERRIDES_FILE} in it): pass a folder under outputs/runs/")
+        raise InputError(
+            f"resume={folder}: not a run folder (no {OVERRIDES_FILE} in it): pass a folder under outputs/runs/"
+        )
     check_ours(folder)
     metrics = read_metrics(folder)
     if metrics.get("status") == "ok":
         raise InputError(f"resume={folder}: that run finished already ({folder / METRICS_FILE}): nothing to resume")
     if metrics.get("refused"):
-        raise InputError(f"resume={folder}: that run's settings were refused before it trained ({metrics.get('error')}): "
-                         "start a new run with a corrected value instead")
+        raise InputError(
+            f"resume={folder}: that run's settings were refused before it trained ({metrics.get('error')}): "
+            "start a new run with a corrected value instead"
+        )
     if metrics.get("status") == "failed" and metrics.get("resumable") is False:
-        raise InputError(f"resume={folder}: that run cannot go on ({metrics.get('error')}); start over in a new folder "
-                         f"with: {start_over_command(folder)}")
+        raise InputError(
+            f"resume={folder}: that run cannot go on ({metrics.get('error')}); start over in a new folder "
+            f"with: {start_over_command(folder)}"
+        )
     checkpoint = resume_checkpoint(folder)
     if checkpoint is None:
         raise InputError(
             f"resume={folder}: the run has no checkpoint that loads ({LAST_CHECKPOINT} is written at the end of each "
-            f"epoch and when the run is stopped with Ctrl-C or SIGTERM); start it again with: {start_over_command(folder)}"
+            "epoch and when the run is stopped with Ctrl-C or SIGTERM); start it again with: "
+            f"{start_over_command(folder)}"
         )
     return checkpoint
+
 
 def check_run_folder(folder: Path, config: DictConfig) -> None:
     """Refuse to start a run in a folder that holds anything else. A run stopped or killed there,
@@ -126,13 +148,23 @@ def check_sweep_folder(folder: Path, overrides: Sequence[str]) -> None:
         recorded = None
     same = lambda texts: [o for o in texts if not o.startswith(f"{RERUN_FAILED}=")]  # noqa: E731
     if recorded is None or same(recorded) != same(overrides):
-        raise InputError(f"{folder} already holds another sweep (its command line is in {folder / 'multirun.yaml'}): "
-                         "pass a new folder with hydra.sweep.dir=..., or that sweep's own command to finish it")
-    found = next((e for e in sorted(folder.iterdir()) if not matches(e.name, SWEEP_FILES)
-                  and not (e.is_dir() and e.name.isdigit() and foreign_file(e) is None)), None)
+        raise InputError(
+            f"{folder} already holds another sweep (its command line is in {folder / 'multirun.yaml'}): "
+            "pass a new folder with hydra.sweep.dir=..., or that sweep's own command to finish it"
+        )
+    found = next(
+        (
+            e
+            for e in sorted(folder.iterdir())
+            if not matches(e.name, SWEEP_FILES) and not (e.is_dir() and e.name.isdigit() and foreign_file(e) is None)
+        ),
+        None,
+    )
     if found is not None:
-        raise InputError(f"{folder} holds {found.relative_to(folder)}, which mnist_lab did not write: pass a new "
-                         "folder with hydra.sweep.dir=...")
+        raise InputError(
+            f"{folder} holds {found.relative_to(folder)}, which mnist_lab did not write: pass a new "
+            "folder with hydra.sweep.dir=..."
+        )
 
 
 def earlier_attempt(folder: Path, rerun_failed: bool) -> dict[str, Any] | None:
@@ -142,6 +174,7 @@ def earlier_attempt(folder: Path, rerun_failed: bool) -> dict[str, Any] | None:
     if metrics.get("status") in ("ok", "pruned") or (metrics.get("status") == "failed" and not rerun_failed):
         return metrics
     return None
+
 
 def check_resume_command(folder: Path, overrides: Sequence[str]) -> Path:
     """resume=<folder> [trusted_targets=[...]]: the run goes on with the settings it was started with."""
@@ -157,9 +190,27 @@ def check_resume_command(folder: Path, overrides: Sequence[str]) -> Path:
 # an installed plugin), the sweeper's settings (any _target_ among them is checked), and the
 # launchers' resource settings; not the launcher's others (submitit's `setup` runs shell lines).
 SWEEP_HYDRA_GROUPS = ("hydra/launcher", "hydra/sweeper")
-LAUNCHER_SETTINGS = ("jobs_per_gpu", "gpus", "n_jobs", "partition", "qos", "account", "constraint", "nodes",
-                     "gpus_per_node", "gpus_per_task", "tasks_per_node", "cpus_per_task", "cpus_per_gpu", "mem_gb",
-                     "mem_per_gpu", "mem_per_cpu", "timeout_min", "array_parallelism", "exclude")
+LAUNCHER_SETTINGS = (
+    "jobs_per_gpu",
+    "gpus",
+    "n_jobs",
+    "partition",
+    "qos",
+    "account",
+    "constraint",
+    "nodes",
+    "gpus_per_node",
+    "gpus_per_task",
+    "tasks_per_node",
+    "cpus_per_task",
+    "cpus_per_gpu",
+    "mem_gb",
+    "mem_per_gpu",
+    "mem_per_cpu",
+    "timeout_min",
+    "array_parallelism",
+    "exclude",
+)
 
 
 def resumed_sweep_argv(argv: Sequence[str]) -> list[str]:
@@ -177,27 +228,36 @@ def resumed_sweep_argv(argv: Sequence[str]) -> list[str]:
     parser = OverridesParser.create()
     rest = [a for a in argv if not a.startswith("resume=") and a not in ("-m", "--multirun")]
     if others := [a for a in rest if not a.startswith((f"{RERUN_FAILED}=", "trusted_targets="))]:
-        raise InputError(f"resume= continues a sweep with the command it was started with; {' '.join(others)} would "
-                         "not apply: drop it, or start a new sweep")
-    trusted = [str(t) for a in parser.parse_overrides([a for a in rest if a.startswith("trusted_targets=")])
-               for t in a.value()]
+        raise InputError(
+            f"resume= continues a sweep with the command it was started with; {' '.join(others)} would "
+            "not apply: drop it, or start a new sweep"
+        )
+    trusted = [
+        str(t) for a in parser.parse_overrides([a for a in rest if a.startswith("trusted_targets=")]) for t in a.value()
+    ]
     try:
         recorded = OmegaConf.load(folder / "multirun.yaml").hydra.overrides
         task, hydra = [str(o) for o in recorded.task], [str(o) for o in recorded.hydra]
         parsed = parser.parse_overrides(task + hydra)
     except Exception as e:  # noqa: BLE001  unreadable, not ours, or edited into nonsense
-        raise InputError(f"resume={folder}: its command line ({folder / 'multirun.yaml'}) does not read: "
-                         f"{first_line(e)}") from None
+        raise InputError(
+            f"resume={folder}: its command line ({folder / 'multirun.yaml'}) does not read: {first_line(e)}"
+        ) from None
     hydra = [o for o in hydra if not o.startswith(("hydra.mode=", "hydra.sweep.dir="))]
     modules = trusted_modules()
     for override in parsed:
         key = override.get_key_element().lstrip("+~")
-        replayed = key in ("hydra.mode", "hydra.sweep.dir") or key.startswith(("hydra.sweeper.", *SWEEP_HYDRA_GROUPS)) \
+        replayed = (
+            key in ("hydra.mode", "hydra.sweep.dir")
+            or key.startswith(("hydra.sweeper.", *SWEEP_HYDRA_GROUPS))
             or key in (f"hydra.launcher.{setting}" for setting in LAUNCHER_SETTINGS)
+        )
         if key.startswith("hydra") and not replayed:
-            raise InputError(f"resume={folder}: its command sets {key}, which resume= does not replay from a folder "
-                             f"that may come from anyone: if it is your sweep, run its command yourself, with "
-                             f"hydra.sweep.dir={shlex.quote(str(folder))}")
+            raise InputError(
+                f"resume={folder}: its command sets {key}, which resume= does not replay from a folder "
+                f"that may come from anyone: if it is your sweep, run its command yourself, with "
+                f"hydra.sweep.dir={shlex.quote(str(folder))}"
+            )
         values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
         named = [str(v) for v in values] if key.endswith("_target_") else []
         named += [t for v in values if isinstance(v, (dict, list)) for t in targets(OmegaConf.create(v))]
@@ -205,13 +265,15 @@ def resumed_sweep_argv(argv: Sequence[str]) -> list[str]:
             raise InputError(
                 f"resume={folder}: its command names {untrusted[0]} as a _target_, a class from a module that no "
                 f"config in conf/ names, and a sweep folder may come from anyone. If you started this sweep with it, "
-                f"resume with: python train.py resume={shlex.quote(str(folder))} 'trusted_targets=[{','.join(untrusted)}]'")
-    return ["-m", *hydra, *task, *(a for a in rest if a.startswith(f"{RERUN_FAILED}=")),
-            f"hydra.sweep.dir={folder}"]
+                f"resume with: python train.py resume={shlex.quote(str(folder))} "
+                f"'trusted_targets=[{','.join(untrusted)}]'"
+            )
+    return ["-m", *hydra, *task, *(a for a in rest if a.startswith(f"{RERUN_FAILED}=")), f"hydra.sweep.dir={folder}"]
 
 
-def resume_config(folder: Path, compose: Callable[[list[str]], DictConfig], trusted: Sequence[str] = ()
-                  ) -> tuple[DictConfig, list[str]]:
+def resume_config(
+    folder: Path, compose: Callable[[list[str]], DictConfig], trusted: Sequence[str] = ()
+) -> tuple[DictConfig, list[str]]:
     """The configuration of the run in `folder`, rebuilt by `compose` from conf/ and the overrides it
     was started with, and those overrides. Its .hydra/ is data, never code: a _target_ outside
     a module that conf/ does not name is refused unless `trusted` names it."""
@@ -219,8 +281,9 @@ def resume_config(folder: Path, compose: Callable[[list[str]], DictConfig], trus
     try:
         cfg = compose(overrides)
     except Exception as e:  # noqa: BLE001  Hydra's errors for an override that no longer composes
-        raise InputError(f"resume={folder}: its overrides ({folder / OVERRIDES_FILE}) no longer compose with conf/: "
-                         f"{first_line(e)}") from None
+        raise InputError(
+            f"resume={folder}: its overrides ({folder / OVERRIDES_FILE}) no longer compose with conf/: {first_line(e)}"
+        ) from None
     modules = trusted_modules()
     if untrusted := [t for t in targets(cfg) if t not in trusted and not is_trusted(t, modules)]:
         raise InputError(
@@ -229,10 +292,14 @@ def resume_config(folder: Path, compose: Callable[[list[str]], DictConfig], trus
             f"{resume_command(folder)} 'trusted_targets=[{','.join(untrusted)}]'"
         )
     if differences := _differences(_recorded_config(folder), OmegaConf.to_container(cfg)):
-        log.warning("%s differs from the run's settings rebuilt from conf/ and its overrides (conf/ changed since the "
-                    "run started, or the file was edited); it goes on with the rebuilt ones: %s",
-                    folder / CONFIG_FILE, ", ".join(differences[:10]))
+        log.warning(
+            "%s differs from the run's settings rebuilt from conf/ and its overrides (conf/ changed since the "
+            "run started, or the file was edited); it goes on with the rebuilt ones: %s",
+            folder / CONFIG_FILE,
+            ", ".join(differences[:10]),
+        )
     return cfg, overrides
+
 
 def _recorded_overrides(folder: Path) -> list[str]:
     try:
@@ -251,13 +318,19 @@ def _recorded_config(folder: Path) -> dict[str, Any]:
     except Exception:  # noqa: BLE001  YAML's or OmegaConf's errors, or an unreadable file
         config = None
     if not isinstance(config, dict) or not config:
-        raise InputError(f"{folder / CONFIG_FILE} is not a config that mnist_lab wrote (empty or malformed): "
-                         "not a run folder to go on with; start a new run")
+        raise InputError(
+            f"{folder / CONFIG_FILE} is not a config that mnist_lab wrote (empty or malformed): "
+            "not a run folder to go on with; start a new run"
+        )
     return config
 
 
 def _differences(saved: Any, new: Any, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two plain configs, as key=saved->new."""
     if isinstance(saved, dict) and isinstance(new, dict):
-        return [d for k in sorted(saved.keys() | new.keys()) for d in _differences(saved.get(k), new.get(k), f"{prefix}{k}.")]
+        return [
+            d
+            for k in sorted(saved.keys() | new.keys())
+            for d in _differences(saved.get(k), new.get(k), f"{prefix}{k}.")
+        ]
     return [] if saved == new else [f"{prefix[:-1]}={saved}->{new}"]

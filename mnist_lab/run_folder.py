@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-
 from mnist_lab.errors import InputError
 
 CHECKPOINTS = Path("checkpoints")
@@ -35,15 +34,42 @@ SWEEP_FILE = "sweep.json"  # the swept keys, written into a sweep folder when th
 # What mnist_lab writes at the top of a run folder. It may also hold TensorBoard runs: folders of
 # event files (a sweep job's is named by its swept values).
 MLFLOW_STORE, MLFLOW_ARTIFACTS = "mlflow.db", "mlartifacts"  # logger=mlflow, in a run or sweep folder
-RUN_FILES = (LOCK_FILE, ".hydra", str(CHECKPOINTS), METRICS_FILE, f".{METRICS_FILE}.*", "curves.png", "*.log",
-             "events.out.tfevents.*", "hparams.yaml", ".write_test", "csv", MLFLOW_STORE, f"{MLFLOW_STORE}-*",
-             MLFLOW_ARTIFACTS)
+RUN_FILES = (
+    LOCK_FILE,
+    ".hydra",
+    str(CHECKPOINTS),
+    METRICS_FILE,
+    f".{METRICS_FILE}.*",
+    "curves.png",
+    "*.log",
+    "events.out.tfevents.*",
+    "hparams.yaml",
+    ".write_test",
+    "csv",
+    MLFLOW_STORE,
+    f"{MLFLOW_STORE}-*",
+    MLFLOW_ARTIFACTS,
+)
 TENSORBOARD_FILES = ("events.out.tfevents.*", "hparams.yaml")
 # ... and of a sweep folder, beside its job folders (named by number, each a run folder).
 STUDY_FILE = "optuna.db"  # sweep=optuna: the study, in SQLite, unless hydra.sweeper.storage names another
-SWEEP_FILES = (LOCK_FILE, "multirun.yaml", SWEEP_FILE, "summary.csv", "summary.md", "summary.png", ".*.summary.*",
-               ".write_test", "optimization_results.yaml", STUDY_FILE, f"{STUDY_FILE}-*", ".submitit", MLFLOW_STORE,
-               f"{MLFLOW_STORE}-*", MLFLOW_ARTIFACTS)
+SWEEP_FILES = (
+    LOCK_FILE,
+    "multirun.yaml",
+    SWEEP_FILE,
+    "summary.csv",
+    "summary.md",
+    "summary.png",
+    ".*.summary.*",
+    ".write_test",
+    "optimization_results.yaml",
+    STUDY_FILE,
+    f"{STUDY_FILE}-*",
+    ".submitit",
+    MLFLOW_STORE,
+    f"{MLFLOW_STORE}-*",
+    MLFLOW_ARTIFACTS,
+)
 RERUN_FAILED = "rerun_failed"  # the config key that has a resumed sweep run its failed jobs again
 
 # The configs: a link to the checkout's conf/, their one source, and a copy of it in an installed package.
@@ -53,8 +79,9 @@ log = logging.getLogger(__name__)
 _held_locks: list[IO[str]] = []  # open for the life of the process: the lock goes with it, even on SIGKILL
 
 
-
-RUN_DIR_FIX = "pass a writable one with hydra.run.dir=... (hydra.sweep.dir=... for -m), or run from a writable directory"
+RUN_DIR_FIX = (
+    "pass a writable one with hydra.run.dir=... (hydra.sweep.dir=... for -m), or run from a writable directory"
+)
 
 
 def ensure_writable(folder: Path, fix: str = RUN_DIR_FIX) -> None:
@@ -124,8 +151,10 @@ def check_ours(folder: Path, sweep: bool = False) -> None:
     """Refuse a folder holding anything mnist_lab did not write: it would overwrite or mix with it."""
     if (found := foreign_file(folder, sweep)) is not None:
         option = "hydra.sweep.dir" if sweep else "hydra.run.dir"
-        raise InputError(f"{folder} holds {found.relative_to(folder)}, which mnist_lab did not write: it writes only "
-                         f"into new folders or its own; pass an empty or new folder with {option}=...")
+        raise InputError(
+            f"{folder} holds {found.relative_to(folder)}, which mnist_lab did not write: it writes only "
+            f"into new folders or its own; pass an empty or new folder with {option}=..."
+        )
 
 
 def read_metrics(folder: Path) -> dict[str, Any]:
@@ -149,9 +178,16 @@ def record_finished(folder: Path, metrics: dict[str, Any]) -> None:
 def record_interrupted(folder: Path, signal_name: str, step: int) -> None:
     """metrics.json says the run was stopped, where, and how to go on."""
     checkpoint = (folder / LAST_CHECKPOINT).is_file()
-    write_metrics(folder, {"status": "interrupted", "signal": signal_name, "step": step,
-                            "checkpoint": str(LAST_CHECKPOINT) if checkpoint else None,
-                            "resume": resume_command(folder) if checkpoint else None})
+    write_metrics(
+        folder,
+        {
+            "status": "interrupted",
+            "signal": signal_name,
+            "step": step,
+            "checkpoint": str(LAST_CHECKPOINT) if checkpoint else None,
+            "resume": resume_command(folder) if checkpoint else None,
+        },
+    )
 
 
 def record_pruned(folder: Path, epoch: int) -> None:
@@ -172,5 +208,3 @@ def write_metrics(folder: Path, metrics: dict[str, Any]) -> None:
 def study_storage(storage: str | None, sweep_dir: Path) -> str:
     """An Optuna sweep's study: `storage` (hydra.sweeper.storage), or SQLite in the sweep folder."""
     return storage or f"sqlite:///{(sweep_dir / STUDY_FILE).resolve()}"
-
-

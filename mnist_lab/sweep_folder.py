@@ -43,7 +43,9 @@ def run_name(swept: list[str], job_overrides: list[str]) -> str:
     values = {key: value for key, _, value in (o.lstrip("+~").partition("=") for o in job_overrides)}
     short = [key.rsplit(".", 1)[-1] for key in swept]
     names = [s if short.count(s) == 1 else key for s, key in zip(short, swept, strict=True)]
-    return ",".join(f"{name}={compact(values.get(key, ''))}" for name, key in zip(names, swept, strict=True)).replace("/", "_")
+    return ",".join(f"{name}={compact(values.get(key, ''))}" for name, key in zip(names, swept, strict=True)).replace(
+        "/", "_"
+    )
 
 
 def recorded_sweep_keys(sweep_dir: str | Path) -> list[str]:
@@ -69,10 +71,14 @@ def load_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
         job_dir = overrides_file.parent.parent
         try:
             # "key=value", "+key=value" (added) or "~key" (deleted, no value)
-            overrides = {key: value for key, _, value in (str(o).lstrip("+~").partition("=")
-                                                          for o in OmegaConf.load(overrides_file))}
+            overrides = {
+                key: value
+                for key, _, value in (str(o).lstrip("+~").partition("=") for o in OmegaConf.load(overrides_file))
+            }
         except Exception:  # noqa: BLE001  YAML or OmegaConf errors: this job alone
-            jobs.append({"job": job_dir.name, "overrides": {}, "status": "failed", "error": f"cannot read {overrides_file}"})
+            jobs.append(
+                {"job": job_dir.name, "overrides": {}, "status": "failed", "error": f"cannot read {overrides_file}"}
+            )
             continue
         metrics = read_metrics(job_dir)
         if not (job_dir / METRICS_FILE).exists():
@@ -80,7 +86,9 @@ def load_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
         elif not all(isinstance(metrics.get(m, 0.0), (int, float)) for m in METRICS) or "status" not in metrics:
             metrics = {"status": "failed", "error": f"cannot read {job_dir / METRICS_FILE}"}
         jobs.append({"job": job_dir.name, "overrides": overrides, **metrics})
-    return sorted(jobs, key=lambda job: (0, int(job["job"])) if job["job"].isdigit() else (1, job["job"]))  # 2 before 10
+    return sorted(
+        jobs, key=lambda job: (0, int(job["job"])) if job["job"].isdigit() else (1, job["job"])
+    )  # 2 before 10
 
 
 def best_job(jobs: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -24,8 +24,12 @@ def write_idx(folder: Path, split: str, n: int, seed: int) -> None:
     for digit in range(10):
         images[labels == digit, 4 + 2 * digit : 8 + 2 * digit, 10:18] = 255
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">4i", 0x0803, n, 28, 28) + images.numpy().tobytes())
-    (folder / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">2i", 0x0801, n) + labels.to(torch.uint8).numpy().tobytes())
+    (folder / f"{split}-images-idx3-ubyte").write_bytes(
+        struct.pack(">4i", 0x0803, n, 28, 28) + images.numpy().tobytes()
+    )
+    (folder / f"{split}-labels-idx1-ubyte").write_bytes(
+        struct.pack(">2i", 0x0801, n) + labels.to(torch.uint8).numpy().tobytes()
+    )
 
 
 def make_dataset(root: Path, name: str = "MNIST") -> Path:
@@ -72,10 +76,18 @@ def make_cfg():
 def smoke_overrides(data_dir: Path, *extra: str) -> list[str]:
     """A couple of batches per epoch on synthetic data: seconds, with checkpoints and logs."""
     return [
-        f"data.data_dir={data_dir}", "data.download=false", "data.verify_checksums=false", "data.val_size=100",
+        f"data.data_dir={data_dir}",
+        "data.download=false",
+        "data.verify_checksums=false",
+        "data.val_size=100",
         "data.batch_size=32",
-        "data.eval_batch_size=50", "trainer=cpu", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
-        "+trainer.limit_train_batches=3", "+trainer.enable_progress_bar=false", "callbacks.progress_bar=null",
+        "data.eval_batch_size=50",
+        "trainer=cpu",
+        "trainer.max_epochs=2",
+        "trainer.log_every_n_steps=1",
+        "+trainer.limit_train_batches=3",
+        "+trainer.enable_progress_bar=false",
+        "callbacks.progress_bar=null",
         *extra,
     ]
 
@@ -83,8 +95,12 @@ def smoke_overrides(data_dir: Path, *extra: str) -> list[str]:
 def run_train(*args: str, cwd: Path | None = None, timeout: int = 180, env: dict | None = None):
     """Run train.py in a subprocess, as a user would."""
     return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd or ROOT, capture_output=True, text=True,
-        timeout=timeout, env={**os.environ, **(env or {})},
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -105,8 +121,9 @@ def run_train_together(arg_lists: list[list[str]], timeout: int = 300) -> list[s
     try:
         for args in arg_lists:
             out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-            proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, stdout=out, stderr=err,
-                                    text=True)
+            proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, stdout=out, stderr=err, text=True
+            )
             started.append((proc, out, err))
         for proc, _, _ in started:
             proc.wait(timeout=timeout)
@@ -131,8 +148,16 @@ def real_checkpoint(real_data_dir, tmp_path_factory) -> tuple[Path, dict]:
 
     out_dir = tmp_path_factory.mktemp("lenet")
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", [f"data.data_dir={real_data_dir}", "model=lenet", "trainer=cpu", "trainer.max_epochs=1",
-                                "callbacks.progress_bar=null"])
+        cfg = compose(
+            "train",
+            [
+                f"data.data_dir={real_data_dir}",
+                "model=lenet",
+                "trainer=cpu",
+                "trainer.max_epochs=1",
+                "callbacks.progress_bar=null",
+            ],
+        )
     run(cfg, out_dir)
     metrics = json.loads((out_dir / "metrics.json").read_text())
     return out_dir / metrics["best_checkpoint"], metrics
@@ -145,7 +170,9 @@ def small_checkpoint(tmp_path):
 
     from mnist_lab.models import LeNet
 
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
     trainer.strategy.connect(LeNet())
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)

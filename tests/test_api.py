@@ -23,11 +23,15 @@ INTERRUPT = "tests.callbacks.InterruptAtEpoch"
 @pytest.fixture(scope="module")
 def fitted(synthetic_dir, tmp_path_factory) -> mnist_lab.Run:
     """A short run through the API, in a folder of its own."""
-    return mnist_lab.fit(*smoke_overrides(synthetic_dir, "model=softmax"), out_dir=tmp_path_factory.mktemp("fit") / "run")
+    return mnist_lab.fit(
+        *smoke_overrides(synthetic_dir, "model=softmax"), out_dir=tmp_path_factory.mktemp("fit") / "run"
+    )
 
 
 def test_fit_writes_the_run_folder_the_command_line_writes(fitted):
-    assert {".hydra", "checkpoints", "metrics.json", "train.log", "curves.png"} <= {p.name for p in fitted.folder.iterdir()}
+    assert {".hydra", "checkpoints", "metrics.json", "train.log", "curves.png"} <= {
+        p.name for p in fitted.folder.iterdir()
+    }
     assert fitted.metrics["status"] == "ok" and fitted.metrics["epochs"] == 2
     assert fitted.best_checkpoint.is_file() and fitted.best_checkpoint.parent == fitted.folder / "checkpoints"
     assert "Test accuracy" in (fitted.folder / "train.log").read_text()
@@ -53,7 +57,7 @@ def test_classify_takes_tensors_images_and_paths_as_predict_does(fitted, synthet
     from mnist_lab.predict import Classifier, predict
 
     raw = (synthetic_dir / "MNIST" / "raw" / "t10k-images-idx3-ubyte").read_bytes()
-    pixels = torch.frombuffer(bytearray(raw[16:16 + 3 * 784]), dtype=torch.uint8).reshape(3, 28, 28)
+    pixels = torch.frombuffer(bytearray(raw[16 : 16 + 3 * 784]), dtype=torch.uint8).reshape(3, 28, 28)
     digits, probabilities = fitted.classify(pixels)
     assert probabilities.shape == (3, 10) and torch.allclose(probabilities.sum(1), torch.ones(3))
     assert digits == probabilities.argmax(1).tolist() and all(isinstance(d, int) for d in digits)
@@ -90,18 +94,25 @@ def test_a_finished_folder_is_refused_and_each_call_is_a_new_run(fitted, synthet
         mnist_lab.fit(*smoke_overrides(synthetic_dir, "model=softmax"), out_dir=fitted.folder)
     assert fitted.metrics["status"] == "ok"  # untouched
     monkeypatch.chdir(tmp_path)
-    first, second = (mnist_lab.fit(*smoke_overrides(synthetic_dir, "model=softmax", "trainer.max_epochs=1"))
-                     for _ in range(2))
+    first, second = (
+        mnist_lab.fit(*smoke_overrides(synthetic_dir, "model=softmax", "trainer.max_epochs=1")) for _ in range(2)
+    )
     assert first.folder != second.folder and first.folder.parent.parent == tmp_path / "outputs" / "runs"
     assert first.metrics["test/acc"] == second.metrics["test/acc"]  # the same seed
 
 
 def test_bad_input_raises_the_line_the_command_line_prints(synthetic_dir, tmp_path, capsys):
-    with pytest.raises(mnist_lab.InputError, match=r"^trainer.max_epoch: no such option; did you mean trainer.max_epochs\?$"):
+    with pytest.raises(
+        mnist_lab.InputError, match=r"^trainer.max_epoch: no such option; did you mean trainer.max_epochs\?$"
+    ):
         mnist_lab.fit("trainer.max_epoch=1")
-    with pytest.raises(SystemExit, match=r"^Error: trainer.max_epoch: no such option; did you mean trainer.max_epochs\?$"):
+    with pytest.raises(
+        SystemExit, match=r"^Error: trainer.max_epoch: no such option; did you mean trainer.max_epochs\?$"
+    ):
         main(["trainer.max_epoch=1"])
-    with pytest.raises(mnist_lab.InputError, match=r"model=lenett: no such option in conf/model/; did you mean model=lenet\?"):
+    with pytest.raises(
+        mnist_lab.InputError, match=r"model=lenett: no such option in conf/model/; did you mean model=lenet\?"
+    ):
         mnist_lab.fit("model=lenett")
     with pytest.raises(mnist_lab.InputError, match="fit trains one configuration"):
         mnist_lab.fit("-m", "optimizer.lr=0.1,0.2")
@@ -110,18 +121,24 @@ def test_bad_input_raises_the_line_the_command_line_prints(synthetic_dir, tmp_pa
 
 def test_a_configuration_refused_before_training_leaves_nothing_to_resume(synthetic_dir, tmp_path):
     folder = tmp_path / "run"
-    with pytest.raises(mnist_lab.InputError, match=r"trainer.max_epochs must be at least 1 .*: pass e.g. trainer.max_epochs=5"):
+    with pytest.raises(
+        mnist_lab.InputError, match=r"trainer.max_epochs must be at least 1 .*: pass e.g. trainer.max_epochs=5"
+    ):
         mnist_lab.fit(*smoke_overrides(synthetic_dir, "trainer.max_epochs=0"), out_dir=folder)
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["status"] == "failed" and metrics["refused"] is True and metrics["resumable"] is False
     assert "resume" not in metrics
-    with pytest.raises(mnist_lab.InputError, match="refused before it trained .* start a new run with a corrected value"):
+    with pytest.raises(
+        mnist_lab.InputError, match="refused before it trained .* start a new run with a corrected value"
+    ):
         mnist_lab.fit(f"resume={folder}")
 
 
 def test_an_interrupt_saves_a_checkpoint_and_fit_resume_finishes_the_run(synthetic_dir, tmp_path, monkeypatch):
     folder = tmp_path / "run"
-    overrides = smoke_overrides(synthetic_dir, "model=softmax", "trainer.max_epochs=3", f"+callbacks.stop._target_={INTERRUPT}")
+    overrides = smoke_overrides(
+        synthetic_dir, "model=softmax", "trainer.max_epochs=3", f"+callbacks.stop._target_={INTERRUPT}"
+    )
     monkeypatch.setenv("MNIST_LAB_TEST_INTERRUPT_AT_EPOCH", "1")
     with pytest.raises(KeyboardInterrupt) as stopped:
         mnist_lab.fit(*overrides, out_dir=folder)
@@ -145,11 +162,16 @@ def test_fit_and_the_command_line_give_the_same_metrics(fitted, synthetic_dir, t
 
 
 def test_sweep_runs_every_job_with_its_report(synthetic_dir, tmp_path):
-    sweep = mnist_lab.sweep(*smoke_overrides(synthetic_dir, "model=softmax", "trainer.max_epochs=1"),
-                            "optimizer.lr=0.05,0.1", out_dir=tmp_path / "sweep")
+    sweep = mnist_lab.sweep(
+        *smoke_overrides(synthetic_dir, "model=softmax", "trainer.max_epochs=1"),
+        "optimizer.lr=0.05,0.1",
+        out_dir=tmp_path / "sweep",
+    )
     assert sweep.folder == tmp_path / "sweep" and (sweep.folder / "summary.md").is_file()
     assert [(job["job"], job["status"], job["overrides"]["optimizer.lr"]) for job in sweep.jobs] == [
-        ("0", "ok", "0.05"), ("1", "ok", "0.1")]
+        ("0", "ok", "0.05"),
+        ("1", "ok", "0.1"),
+    ]
     best = max(sweep.jobs, key=lambda job: job["val/acc"])
     assert sweep.best.folder == sweep.folder / best["job"] and sweep.best.metrics["val/acc"] == best["val/acc"]
     assert len(sweep.best.history) == 1
@@ -163,22 +185,50 @@ def test_an_installed_copy_fits_from_any_folder(synthetic_dir, tmp_path):
         shutil.copytree(ROOT / part, source / part, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     for part in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / part, source)
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                              "--target", str(target), str(source)], capture_output=True, text=True, timeout=300)
+    install = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert install.returncode == 0, install.stderr
     assert (target / "mnist_lab" / "conf" / "model" / "lenet.yaml").is_file()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    code = ("import mnist_lab, sys; run = mnist_lab.fit(*sys.argv[1:]); "
-            "print(mnist_lab.__file__); print(run.folder); print(run.metrics['status'])")
-    result = subprocess.run([sys.executable, "-c", code, *smoke_overrides(synthetic_dir, "model=softmax")],
-                            cwd=elsewhere, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(target)})
+    code = (
+        "import mnist_lab, sys; run = mnist_lab.fit(*sys.argv[1:]); "
+        "print(mnist_lab.__file__); print(run.folder); print(run.metrics['status'])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, *smoke_overrides(synthetic_dir, "model=softmax")],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(target)},
+    )
     assert result.returncode == 0, result.stderr
     module, folder, status = result.stdout.strip().splitlines()[-3:]
     assert Path(module).is_relative_to(target) and Path(folder).is_relative_to(elsewhere / "outputs") and status == "ok"
-    cli = subprocess.run([sys.executable, "-m", "mnist_lab", "model=lenett"], cwd=elsewhere, capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(target)})
+    cli = subprocess.run(
+        [sys.executable, "-m", "mnist_lab", "model=lenett"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(target)},
+    )
     assert cli.returncode == 1 and "did you mean model=lenet?" in cli.stderr
 
 
@@ -196,6 +246,10 @@ def test_an_interrupted_sweep_says_how_to_go_on_and_sweep_resume_finishes_it(syn
 
 
 def test_history_has_the_training_loss_the_epoch_line_printed(fitted):
-    lines = [line for line in (fitted.folder / "train.log").read_text().splitlines() if "Epoch " in line and "train/loss" in line]
+    lines = [
+        line
+        for line in (fitted.folder / "train.log").read_text().splitlines()
+        if "Epoch " in line and "train/loss" in line
+    ]
     printed = [float(line.split("train/loss ")[1].split()[0]) for line in lines]
     assert [round(row["train/loss"], 4) for row in fitted.history] == printed

@@ -11,9 +11,21 @@ def test_gpu_benchmark_runs_its_code_on_the_cpu(real_data_dir):
     """benchmarks/gpu.py is meant for a GPU machine; --device cpu runs the same code here, so
     that the script is known to work before anyone spends GPU time on it."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "cpu", "--epochs", "1",
-         f"--data-dir={real_data_dir}", "callbacks.progress_bar=null", "+trainer.limit_train_batches=100"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu.py"),
+            "--device",
+            "cpu",
+            "--epochs",
+            "1",
+            f"--data-dir={real_data_dir}",
+            "callbacks.progress_bar=null",
+            "+trainer.limit_train_batches=100",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -31,9 +43,22 @@ def test_gpu_benchmark_runs_its_code_on_the_cpu(real_data_dir):
 def test_epoch_time_prints_the_cost_per_step_of_each_arm(real_data_dir):
     """The CPU proxy for the GPU's host-bound step: softmax regression, (a), (a0) and (b) taking turns."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "epoch_time.py"), "--epochs", "1", "--notebook-epochs", "0",
-         f"--data-dir={real_data_dir}", "model=softmax", "callbacks.progress_bar=null", "+trainer.enable_progress_bar=false"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "epoch_time.py"),
+            "--epochs",
+            "1",
+            "--notebook-epochs",
+            "0",
+            f"--data-dir={real_data_dir}",
+            "model=softmax",
+            "callbacks.progress_bar=null",
+            "+trainer.enable_progress_bar=false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -51,13 +76,27 @@ def test_epoch_time_prints_the_cost_per_step_of_each_arm(real_data_dir):
 def test_fixed_cost_times_the_phases_of_a_one_batch_run(real_data_dir):
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "fixed_cost.py"), "--repeats", "1", f"--data-dir={real_data_dir}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "mnist_lab adds " in out and "beyond Lightning's import" in out
-    for phase in ("imports", "data: read and split", "sanity validation", "validation", "training (one batch)",
-                  "checkpoints", "test loop", "test figures", "curves.png", "HPARAMS", "process exit"):
+    for phase in (
+        "imports",
+        "data: read and split",
+        "sanity validation",
+        "validation",
+        "training (one batch)",
+        "checkpoints",
+        "test loop",
+        "test figures",
+        "curves.png",
+        "HPARAMS",
+        "process exit",
+    ):
         assert phase in out, phase
     warm = out.split("a second one-batch mnist_lab.fit in a warm process: ")[1]
     assert "beyond it (target <= 1.0 s)" in warm and "training (one batch)" in warm and "everything else" in warm
@@ -65,17 +104,36 @@ def test_fixed_cost_times_the_phases_of_a_one_batch_run(real_data_dir):
 
 def smoke_data(data_dir) -> list[str]:
     """A couple of batches per epoch on synthetic data, for the sweep benchmarks."""
-    return [f"--data-dir={data_dir}", "data.download=false", "data.verify_checksums=false", "data.val_size=100",
-            "data.eval_batch_size=50", "trainer=cpu", "data.on_device=false", "+trainer.limit_train_batches=3"]
+    return [
+        f"--data-dir={data_dir}",
+        "data.download=false",
+        "data.verify_checksums=false",
+        "data.val_size=100",
+        "data.eval_batch_size=50",
+        "trainer=cpu",
+        "data.on_device=false",
+        "+trainer.limit_train_batches=3",
+    ]
 
 
 @pytest.mark.slow
 def test_sweep_concurrency_prints_both_wall_times_and_each_jobs_results(synthetic_dir):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "sweep_concurrency.py"), "--jobs-per-gpu", "2",
-         *smoke_data(synthetic_dir), "model=softmax", "optimizer.lr=0.05,0.1", "data.batch_size=32",
-         "trainer.max_epochs=1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "sweep_concurrency.py"),
+            "--jobs-per-gpu",
+            "2",
+            *smoke_data(synthetic_dir),
+            "model=softmax",
+            "optimizer.lr=0.05,0.1",
+            "data.batch_size=32",
+            "trainer.max_epochs=1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -87,9 +145,21 @@ def test_sweep_concurrency_prints_both_wall_times_and_each_jobs_results(syntheti
 @pytest.mark.slow
 def test_optuna_pruning_prints_best_and_epochs_with_and_without_a_pruner(synthetic_dir):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "optuna_pruning.py"), "--trials", "2", "--epochs", "2",
-         *smoke_data(synthetic_dir), "model=softmax", "data.batch_size=32"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "optuna_pruning.py"),
+            "--trials",
+            "2",
+            "--epochs",
+            "2",
+            *smoke_data(synthetic_dir),
+            "model=softmax",
+            "data.batch_size=32",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if "best val/acc" in line]
@@ -101,9 +171,19 @@ def test_optuna_pruning_prints_best_and_epochs_with_and_without_a_pruner(synthet
 def test_demo_latency_prints_the_round_trip_and_server_times(real_checkpoint, real_data_dir):
     checkpoint, _ = real_checkpoint
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "demo_latency.py"), "--ckpt", str(checkpoint), "--requests", "5",
-         f"--data-dir={real_data_dir}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "demo_latency.py"),
+            "--ckpt",
+            str(checkpoint),
+            "--requests",
+            "5",
+            f"--data-dir={real_data_dir}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()

@@ -5,15 +5,23 @@ import logging
 import re
 from types import SimpleNamespace
 
-import pytorch_lightning as pl
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from mnist_lab.callbacks import STEP_HOOKS, EpochLog, EpochTimer, ProgressBar, acts_on_steps, epoch_line
-from mnist_lab.callbacks import TrainingState, skip_idle_step_hooks
+from mnist_lab.callbacks import (
+    STEP_HOOKS,
+    EpochLog,
+    EpochTimer,
+    ProgressBar,
+    TrainingState,
+    acts_on_steps,
+    epoch_line,
+    skip_idle_step_hooks,
+)
 from mnist_lab.models import SoftmaxRegression
 
 
@@ -34,8 +42,15 @@ class Tiny(pl.LightningModule):
 
 def fit(callbacks, tmp_path, steps: int = 6) -> pl.Trainer:
     data = TensorDataset(torch.randn(steps * 2, 4), torch.randint(0, 2, (steps * 2,)))
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+    )
     trainer.fit(Tiny(), DataLoader(data, batch_size=2))
     return trainer
 
@@ -57,7 +72,10 @@ def test_a_checkpoint_every_n_steps_still_saves(tmp_path):
     skip_idle_step_hooks([checkpoint])
     fit([checkpoint], tmp_path)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
-        "epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt"]
+        "epoch=0-step=2.ckpt",
+        "epoch=0-step=4.ckpt",
+        "epoch=0-step=6.ckpt",
+    ]
 
 
 @pytest.mark.parametrize("signal_first", [False, True])
@@ -97,8 +115,15 @@ def fit_classifier(callbacks, tmp_path, epochs: int = 2) -> tuple[pl.Trainer, So
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(24, 1, 28, 28), torch.randint(0, 10, (24,)))
     model = SoftmaxRegression(optimizer={"_target_": "torch.optim.SGD", "lr": 0.1})
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
-                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+    )
     trainer.fit(model, DataLoader(data, batch_size=4), DataLoader(data, batch_size=8))
     return trainer, model
 
@@ -121,7 +146,8 @@ def test_each_epoch_logs_one_line_of_its_metrics(tmp_path, caplog):
 
 def test_the_epoch_line_leaves_out_what_it_lacks():
     assert epoch_line(2, 5, 0.15234, {"val/loss": 0.08712, "val/acc": 0.97421}, 11.83) == (
-        "Epoch 2/5: train/loss 0.1523  val/loss 0.0871  val/acc 97.42%  11.8 s")
+        "Epoch 2/5: train/loss 0.1523  val/loss 0.0871  val/acc 97.42%  11.8 s"
+    )
     assert epoch_line(3, 5, None, {}, 2.0) == "Epoch 3/5: 2.0 s"  # no validation in that epoch, no loss read
     assert epoch_line(3, -1, 0.5, {}, None) == "Epoch 3: train/loss 0.5000"  # max_epochs=-1
 

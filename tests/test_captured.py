@@ -34,17 +34,20 @@ def test_batch_groups_hold_full_batches_only():
     assert [item.tolist() for item in resumed] == [item.tolist() for item in items[1:]]  # skip counts groups
 
 
-@pytest.mark.parametrize("overrides, refused", [
-    (["compile=true", "optimizer=rmsprop"], "optimizer with a fused implementation"),
-    (["compile=true", "augment=affine"], "data.augment"),
-    (["compile=true", "model=cnn"], "data.augment"),  # the CNN picks augment=affine
-    (["compile=true", "trainer=ddp_cpu"], "trainer.strategy=ddp"),
-    (["compile=true", "trainer.precision=16-mixed"], "trainer.precision=16-mixed"),
-    (["compile=true", "+trainer.gradient_clip_val=1.0"], "trainer.gradient_clip_val"),
-    (["compile=true", "scheduler.cycle_momentum=true"], "cycle_momentum"),
-    (["compile=true", "steps_per_replay=0"], "steps_per_replay must be a positive integer"),
-    (["steps_per_replay=4"], "applies to the captured step only"),
-])
+@pytest.mark.parametrize(
+    "overrides, refused",
+    [
+        (["compile=true", "optimizer=rmsprop"], "optimizer with a fused implementation"),
+        (["compile=true", "augment=affine"], "data.augment"),
+        (["compile=true", "model=cnn"], "data.augment"),  # the CNN picks augment=affine
+        (["compile=true", "trainer=ddp_cpu"], "trainer.strategy=ddp"),
+        (["compile=true", "trainer.precision=16-mixed"], "trainer.precision=16-mixed"),
+        (["compile=true", "+trainer.gradient_clip_val=1.0"], "trainer.gradient_clip_val"),
+        (["compile=true", "scheduler.cycle_momentum=true"], "cycle_momentum"),
+        (["compile=true", "steps_per_replay=0"], "steps_per_replay must be a positive integer"),
+        (["steps_per_replay=4"], "applies to the captured step only"),
+    ],
+)
 def test_what_a_captured_step_cannot_do_is_refused_up_front(overrides, refused, make_cfg):
     with pytest.raises(InputError, match=refused):
         check_capture(make_cfg(*overrides))
@@ -73,12 +76,14 @@ def test_warm_up_steps_leave_no_trace(optimizer):
     with warmed.undone():
         for _ in range(3):
             warmed._steps()
-    assert all(torch.equal(a, b) for a, b in zip(before, warmed._state()))  # parameters and buffers as they were
+    assert all(
+        torch.equal(a, b) for a, b in zip(before, warmed._state(), strict=True)
+    )  # parameters and buffers as they were
     optimizer_state = [v for s in warmed._optimizer.state.values() for v in s.values()]
     assert optimizer_state and all(torch.count_nonzero(v) == 0 for v in optimizer_state)
     warmed._steps()
     reference._steps()  # a fresh optimizer's first steps
-    for ours, theirs in zip(model.parameters(), fresh.parameters()):
+    for ours, theirs in zip(model.parameters(), fresh.parameters(), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
@@ -94,7 +99,10 @@ def eager_and_captured(synthetic_dir, tmp_path_factory):
     runs = {}
     for name, extra in (("eager", []), ("captured", ["compile=true"])):
         out_dir = tmp_path_factory.mktemp(name)
-        runs[name] = out_dir, run(compose_train(*captured_overrides(synthetic_dir, "data.batch_size=40", *extra)), out_dir)
+        runs[name] = (
+            out_dir,
+            run(compose_train(*captured_overrides(synthetic_dir, "data.batch_size=40", *extra)), out_dir),
+        )
     return runs
 
 
@@ -138,8 +146,10 @@ def test_a_captured_run_resumes_from_its_checkpoint(eager_and_captured, syntheti
 
 @pytest.mark.parametrize("steps", [1, 4])
 def test_a_captured_step_drops_the_partial_last_batch(steps, synthetic_dir, tmp_path):
-    metrics = run(compose_train(*captured_overrides(synthetic_dir, "model=softmax", "compile=true",
-                                                    f"steps_per_replay={steps}")), tmp_path)
+    metrics = run(
+        compose_train(*captured_overrides(synthetic_dir, "model=softmax", "compile=true", f"steps_per_replay={steps}")),
+        tmp_path,
+    )
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     # Each step a replay of `steps` full batches: 6 batches of 32 of the 200 images, in whole replays.
     assert last["global_step"] == 2 * (FULL_BATCHES // steps)

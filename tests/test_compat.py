@@ -29,8 +29,10 @@ def names(function: Callable, package: str, what: str) -> Iterator[None]:
     try:
         yield
     except Exception as error:  # an assertion or the library's own error
-        pytest.fail(f"mnist_lab.compat.{function.__name__}: {package} {version(package)} changed {what} "
-                    f"({type(error).__name__}: {error})")
+        pytest.fail(
+            f"mnist_lab.compat.{function.__name__}: {package} {version(package)} changed {what} "
+            f"({type(error).__name__}: {error})"
+        )
 
 
 class Tiny(pl.LightningModule):
@@ -57,9 +59,16 @@ def loader() -> DataLoader:
 
 
 def make_trainer(tmp_path, callbacks=(), epochs: int = 1) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                      callbacks=list(callbacks))
+    return pl.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=list(callbacks),
+    )
 
 
 def test_checkpoint_saves_on_steps(tmp_path):
@@ -89,8 +98,11 @@ class Steps(pl.Callback):
 def test_skip_callback_hooks(tmp_path):
     callback = Steps()
     compat.skip_callback_hooks(callback, ["on_before_backward", "on_train_batch_end"])
-    with names(compat.skip_callback_hooks, "pytorch-lightning",
-               "which callback hooks its dispatcher (pytorch_lightning.trainer.call._call_callback_hooks) calls"):
+    with names(
+        compat.skip_callback_hooks,
+        "pytorch-lightning",
+        "which callback hooks its dispatcher (pytorch_lightning.trainer.call._call_callback_hooks) calls",
+    ):
         make_trainer(tmp_path, [callback]).fit(Tiny(), loader())
         assert callback.calls == ["on_train_batch_start"] * BATCHES
 
@@ -152,9 +164,12 @@ def test_tick_hparams():
 
 
 def test_ignore_lightning_pytree_deprecation(tmp_path):
-    with names(compat.ignore_lightning_pytree_deprecation, "pytorch-lightning",
-               f"where torch's LeafSpec deprecation comes from (or torch {version('torch')} no longer gives it: "
-               "drop the filter)"):
+    with names(
+        compat.ignore_lightning_pytree_deprecation,
+        "pytorch-lightning",
+        f"where torch's LeafSpec deprecation comes from (or torch {version('torch')} no longer gives it: "
+        "drop the filter)",
+    ):
         with warnings.catch_warnings(record=True) as unfiltered:
             warnings.simplefilter("always")
             make_trainer(tmp_path).fit(Tiny(), loader())

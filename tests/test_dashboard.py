@@ -22,7 +22,17 @@ pytestmark = pytest.mark.slow
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 ARTIFACTS = Path(os.environ.get("MNIST_LAB_TEST_ARTIFACTS", ROOT / "test-artifacts"))
-SCALAR_TAGS = ("train/loss", "train/loss_epoch", "train/acc", "train/lr", "val/loss", "val/acc", "val/acc_best", "test/loss", "test/acc")
+SCALAR_TAGS = (
+    "train/loss",
+    "train/loss_epoch",
+    "train/acc",
+    "train/lr",
+    "val/loss",
+    "val/acc",
+    "val/acc_best",
+    "test/loss",
+    "test/acc",
+)
 RUNS = {"0": "model=softmax", "1": "model=lenet"}  # job folder -> TensorBoard run name in it
 
 
@@ -35,9 +45,17 @@ def sweep(real_data_dir, tmp_path_factory) -> Path:
             pytest.fail(message)
         pytest.skip(message)
     sweep = tmp_path_factory.mktemp("dashboard") / "sweep"
-    result = run_train("-m", "model=softmax,lenet", "trainer.max_epochs=1", "+trainer.limit_train_batches=20",
-                       "trainer.log_every_n_steps=5", "callbacks.progress_bar=null", f"data.data_dir={real_data_dir}",
-                       f"hydra.sweep.dir={sweep}", timeout=300)
+    result = run_train(
+        "-m",
+        "model=softmax,lenet",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=20",
+        "trainer.log_every_n_steps=5",
+        "callbacks.progress_bar=null",
+        f"data.data_dir={real_data_dir}",
+        f"hydra.sweep.dir={sweep}",
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     return sweep
 
@@ -54,8 +72,21 @@ def tensorboard(logdir: Path, expected_runs: int) -> Iterator[str]:
     url = f"http://127.0.0.1:{free_port()}"
     log = logdir.parent / "tensorboard.log"
     with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host",
-                                   "127.0.0.1", "--port", url.rsplit(":", 1)[1]], stdout=out, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tensorboard.main",
+                "--logdir",
+                str(logdir),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                url.rsplit(":", 1)[1],
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -80,10 +111,19 @@ def chromium(profile: Path) -> Iterator["webdriver.Chrome"]:  # noqa: F821
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 # no calls to Google's services: this machine's network is closed
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={profile}", "--window-size=1400,2400"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        # no calls to Google's services: this machine's network is closed
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--window-size=1400,2400",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
     try:
@@ -128,13 +168,13 @@ def test_hparams_dashboard_lists_both_sessions_with_their_metrics(page, sweep):
     assert "Number of matching session groups: 2" in text, text
     lines = text.splitlines()
     header = lines.index("Trial ID")
-    columns = lines[header + 2: lines.index(f"0/{RUNS['0']}", header)]  # after "Show Metrics"
+    columns = lines[header + 2 : lines.index(f"0/{RUNS['0']}", header)]  # after "Show Metrics"
     # the ticked hyperparameters (the swept model and the compared keys), by name; then the metrics
     assert columns[:-5] == ["data.batch_size", "loss", "model", "optimizer", "optimizer.lr"]
     assert columns[-5:] == ["val/acc", "test/acc", "test/loss", "val/acc_best", "val/loss"]
     for job, name in RUNS.items():
         metrics = json.loads((sweep / job / "metrics.json").read_text())
-        row = lines[lines.index(f"{job}/{name}", header) + 1:][: len(columns)]
+        row = lines[lines.index(f"{job}/{name}", header) + 1 :][: len(columns)]
         shown = dict(zip(columns, row, strict=True))
         # TensorBoard prints five significant digits, trailing zeros kept: 0.84960
         for metric in ("val/acc", "test/acc", "test/loss"):

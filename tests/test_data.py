@@ -12,8 +12,9 @@ from tests.conftest import N_TEST, N_TRAIN
 
 
 def datamodule(data_dir, **kwargs) -> MNISTDataModule:
-    dm = MNISTDataModule(data_dir=str(data_dir), download=False, val_size=100, batch_size=32, verify_checksums=False,
-                         **kwargs)
+    dm = MNISTDataModule(
+        data_dir=str(data_dir), download=False, val_size=100, batch_size=32, verify_checksums=False, **kwargs
+    )
     dm.prepare_data()
     dm.setup("fit")
     dm.setup("test")
@@ -74,8 +75,13 @@ def test_normalization_on_transfer(synthetic_dir):
 def test_fashion_mnist_reads_its_own_folder_and_statistics(synthetic_dir, make_cfg):
     from hydra.utils import instantiate
 
-    cfg = make_cfg("data=fashion_mnist", f"data.data_dir={synthetic_dir}", "data.download=false", "data.val_size=100",
-                   "data.verify_checksums=false")
+    cfg = make_cfg(
+        "data=fashion_mnist",
+        f"data.data_dir={synthetic_dir}",
+        "data.download=false",
+        "data.val_size=100",
+        "data.verify_checksums=false",
+    )
     dm = instantiate(cfg.data)
     dm.setup("fit")
     assert dm.raw_dir == synthetic_dir / "FashionMNIST" / "raw"
@@ -169,7 +175,9 @@ def test_sizes_must_be_positive(key, value):
 
 def test_val_size_must_leave_training_images(synthetic_dir):
     with pytest.raises(InputError, match=f"data.val_size={N_TRAIN} leaves no training images"):
-        MNISTDataModule(data_dir=str(synthetic_dir), download=False, val_size=N_TRAIN, verify_checksums=False).setup("fit")
+        MNISTDataModule(data_dir=str(synthetic_dir), download=False, val_size=N_TRAIN, verify_checksums=False).setup(
+            "fit"
+        )
 
 
 def test_unknown_dataset_is_refused():
@@ -217,8 +225,11 @@ def test_a_changed_file_fails_its_checksum_and_the_override_accepts_it(real_copy
     data[-1] = (data[-1] + 1) % 10  # one label changed: still a valid IDX file
     labels.write_bytes(bytes(data))
     dm = MNISTDataModule(data_dir=str(real_copy), download=False)
-    with pytest.raises(InputError, match=rf"{labels} is not the official MNIST file \(MD5 \w+, expected "
-                                         r"27ae3e4e09519cfbb04c329615203637\).*data.verify_checksums=false"):
+    with pytest.raises(
+        InputError,
+        match=rf"{labels} is not the official MNIST file \(MD5 \w+, expected "
+        r"27ae3e4e09519cfbb04c329615203637\).*data.verify_checksums=false",
+    ):
         dm.setup("test")
     own = MNISTDataModule(data_dir=str(real_copy), download=False, verify_checksums=False)
     own.setup("test")

@@ -38,8 +38,12 @@ def demo_server(checkpoint: Path, log: Path, *args: str) -> Iterator[str]:
     """python -m mnist_lab.demo on a free port of 127.0.0.1, started as a user would: its URL."""
     port = free_port()
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "mnist_lab.demo", "--ckpt", str(checkpoint), "--port",
-                                    str(port), *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mnist_lab.demo", "--ckpt", str(checkpoint), "--port", str(port), *args],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -127,13 +131,28 @@ def test_a_drawn_seven_is_a_seven_and_the_page_shows_what_predict_says(server, r
         # predict --json on the same pixels: the canvas as the page sent it
         png = base64.b64decode(driver.execute_script("return pad.toDataURL('image/png')").split(",", 1)[1])
         (tmp_path / "drawn.png").write_bytes(png)
-        result = subprocess.run([sys.executable, "-m", "mnist_lab.predict", "--ckpt", str(checkpoint), "--json",
-                                 str(tmp_path / "drawn.png")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mnist_lab.predict",
+                "--ckpt",
+                str(checkpoint),
+                "--json",
+                str(tmp_path / "drawn.png"),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, result.stderr
         (predicted,) = json.loads(result.stdout)
         assert (predicted["digit"], predicted["probabilities"]) == (drawn["digit"], drawn["probabilities"])
 
-        shown_input = "return Array.from(input.getContext('2d').getImageData(0, 0, 28, 28).data.filter((_, i) => i % 4 == 0))"
+        shown_input = (
+            "return Array.from(input.getContext('2d').getImageData(0, 0, 28, 28).data.filter((_, i) => i % 4 == 0))"
+        )
         before = np.array(driver.execute_script(shown_input)).reshape(28, 28)
         assert np.array_equal(before, np.array(drawn["input"]))  # the 28 x 28 canvas shows what the model saw
         driver.find_element(By.CSS_SELECTOR, "button[data-distortion='transpose']").click()
@@ -185,9 +204,13 @@ def test_a_bad_checkpoint_gets_predicts_one_line(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     lines = []
     for module in ("mnist_lab.demo", "mnist_lab.predict"):
-        result = subprocess.run([sys.executable, "-m", module, "--ckpt", str(bad),
-                                 *([] if module == "mnist_lab.demo" else [str(bad)])],
-                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-m", module, "--ckpt", str(bad), *([] if module == "mnist_lab.demo" else [str(bad)])],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         lines.append(result.stderr.strip().splitlines()[-1])
     assert lines[0] == lines[1] and str(bad) in lines[0]
@@ -202,8 +225,21 @@ def test_the_menu_switches_to_an_onnx_export_of_the_run(real_checkpoint, real_da
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     shutil.copy(checkpoint, run / "checkpoints" / checkpoint.name)
-    exported = subprocess.run([sys.executable, "-m", "mnist_lab.export", "--ckpt", str(run / "checkpoints" / checkpoint.name),
-                               "--out", str(run / "model.onnx")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    exported = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mnist_lab.export",
+            "--ckpt",
+            str(run / "checkpoints" / checkpoint.name),
+            "--out",
+            str(run / "model.onnx"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert exported.returncode == 0, exported.stderr
     seven = tmp_path / "seven.png"
     Image.fromarray(test_digit(real_data_dir, 7)).resize((280, 280)).save(seven)
@@ -212,8 +248,9 @@ def test_the_menu_switches_to_an_onnx_export_of_the_run(real_checkpoint, real_da
             models = json.load(response)["models"]
         assert str((run / "model.onnx").resolve()) in models
         _, by_checkpoint = post(f"{url}/api/predict", seven.read_bytes())
-        status, answer = post(f"{url}/api/model", json.dumps({"model": str((run / "model.onnx").resolve())}).encode(),
-                              "application/json")
+        status, answer = post(
+            f"{url}/api/model", json.dumps({"model": str((run / "model.onnx").resolve())}).encode(), "application/json"
+        )
         assert status == 200, answer
         _, by_onnx = post(f"{url}/api/predict", seven.read_bytes())
     assert by_onnx["model"].endswith("model.onnx") and by_onnx["digit"] == by_checkpoint["digit"] == 7

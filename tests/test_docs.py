@@ -55,7 +55,7 @@ def words(command: str) -> list[str]:
     placeholder such as <folder> becomes a plain value."""
     command = re.sub(r"<[^<>]+>", "x", command)
     tokens = shlex.split(command, comments=True)
-    return tokens[tokens.index("python") + 1:]
+    return tokens[tokens.index("python") + 1 :]
 
 
 ELLIPSIS = ("...", "…")  # "and other overrides" in a command of train.py; "a value" in a module's
@@ -130,9 +130,17 @@ def conf_with_files_of(page: Path, tmp_path: Path) -> Path:
 
 # Short runs on tiny data for the Python blocks: appended to each fit and sweep's own overrides.
 def tiny(data_dir: Path) -> list[str]:
-    return [f"data.data_dir={data_dir}", "data.download=false", "data.verify_checksums=false", "data.val_size=100",
-            "data.eval_batch_size=50", "trainer=cpu", "trainer.max_epochs=1", "++trainer.limit_train_batches=2",
-            "callbacks.progress_bar=null"]
+    return [
+        f"data.data_dir={data_dir}",
+        "data.download=false",
+        "data.verify_checksums=false",
+        "data.val_size=100",
+        "data.eval_batch_size=50",
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        "++trainer.limit_train_batches=2",
+        "callbacks.progress_bar=null",
+    ]
 
 
 PYTHON_PAGES = [p for p in PAGES if any(lang == "python" and not re.match(r"# \S+\n", b) for lang, b in blocks(p))]
@@ -160,7 +168,12 @@ def test_every_python_block_runs(page, synthetic_dir, tmp_path, monkeypatch):
 def test_the_docs_site_builds_in_strict_mode(tmp_path):
     """mkdocs.yml's site, as `mkdocs build --strict` builds it: a broken link or anchor, or a page
     left out of the navigation, fails."""
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "site" / "design" / "index.html").is_file()

@@ -14,8 +14,9 @@ from tests.conftest import ROOT
 
 
 def evaluate_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mnist_lab.evaluate", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mnist_lab.evaluate", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.slow
@@ -45,8 +46,9 @@ def test_evaluation_matches_training_and_writes_its_files(real_checkpoint, real_
 @pytest.mark.slow
 def test_another_dataset_is_read_from_its_config(real_checkpoint, real_data_dir, tmp_path):
     ckpt, _ = real_checkpoint
-    result = evaluate_cli("--ckpt", str(ckpt), "--data-dir", str(real_data_dir), "--dataset", "fashion_mnist",
-                          "--out", str(tmp_path))
+    result = evaluate_cli(
+        "--ckpt", str(ckpt), "--data-dir", str(real_data_dir), "--dataset", "fashion_mnist", "--out", str(tmp_path)
+    )
     assert result.returncode == 0, result.stderr
     evaluation = json.loads((tmp_path / "evaluation.json").read_text())
     assert evaluation["dataset"] == "FashionMNIST" and evaluation["test/acc"] < 0.5  # digits are not clothes
@@ -66,7 +68,9 @@ def test_checkpoint_names_its_class_and_loads_without_unpickling(tmp_path):
     import pytorch_lightning as pl
 
     model = LeNet(dropout=0.1)
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
     trainer.strategy.connect(model)
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
@@ -77,11 +81,14 @@ def test_checkpoint_names_its_class_and_loads_without_unpickling(tmp_path):
         assert torch.equal(loaded.state_dict()[key], value)
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "no checkpoint file at"),
-    (b"not a checkpoint at all", "is not a checkpoint that loads safely"),
-    (pickle.dumps(object()), "is not a checkpoint that loads safely"),  # an arbitrary object: never unpickled
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no checkpoint file at"),
+        (b"not a checkpoint at all", "is not a checkpoint that loads safely"),
+        (pickle.dumps(object()), "is not a checkpoint that loads safely"),  # an arbitrary object: never unpickled
+    ],
+)
 def test_bad_checkpoints_are_refused(content, message, tmp_path):
     path = tmp_path / "model.ckpt"
     if content is not None:
@@ -102,7 +109,10 @@ def test_a_torch_file_that_is_not_ours_is_refused(tmp_path):
     torch.save({"state_dict": {}, "hyper_parameters": {"width": 3}, "mnist_lab": {"model_class": lenet}}, path)
     with pytest.raises(InputError, match="does not fit LeNet"):
         load_checkpoint(path)
-    torch.save({"state_dict": {"net.0.weight": torch.zeros(1)}, "hyper_parameters": {}, "mnist_lab": {"model_class": lenet}}, path)
+    torch.save(
+        {"state_dict": {"net.0.weight": torch.zeros(1)}, "hyper_parameters": {}, "mnist_lab": {"model_class": lenet}},
+        path,
+    )
     with pytest.raises(InputError, match="does not fit LeNet"):
         load_checkpoint(path)
 
@@ -113,10 +123,13 @@ def test_cli_errors_are_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--dataset", "cifar"], "unknown dataset 'cifar': use one of mnist, fashion_mnist, kmnist"),
-    (["--out", "/proc/evaluation"], "cannot write to the output folder /proc/evaluation"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "cifar"], "unknown dataset 'cifar': use one of mnist, fashion_mnist, kmnist"),
+        (["--out", "/proc/evaluation"], "cannot write to the output folder /proc/evaluation"),
+    ],
+)
 def test_bad_arguments_stop_with_one_line(args, message, small_checkpoint, tmp_path, capsys):
     from mnist_lab.evaluate import main
 
@@ -128,8 +141,14 @@ def test_bad_arguments_stop_with_one_line(args, message, small_checkpoint, tmp_p
 def test_a_small_checkpoint_describing_a_huge_model_is_refused_before_allocating(tmp_path):
     path = tmp_path / "huge.ckpt"
     mlp = "mnist_lab.models.mlp.MLP"
-    torch.save({"state_dict": {}, "hyper_parameters": {"hidden_sizes": [1_000_000, 1_000_000]},
-                "mnist_lab": {"model_class": mlp}}, path)  # 4 TB of weights described in a few hundred bytes
+    torch.save(
+        {
+            "state_dict": {},
+            "hyper_parameters": {"hidden_sizes": [1_000_000, 1_000_000]},
+            "mnist_lab": {"model_class": mlp},
+        },
+        path,
+    )  # 4 TB of weights described in a few hundred bytes
     with pytest.raises(InputError, match=r"describe a model of 4,\d{3},\d{3} MB, but it holds 0.0 MB"):
         load_checkpoint(path)
 

@@ -15,9 +15,25 @@ pytest.importorskip("onnxruntime")
 @pytest.fixture(scope="module")
 def onnx_file(real_checkpoint, real_data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx") / "lenet.onnx"
-    result = subprocess.run([sys.executable, "-m", "mnist_lab.export", "--ckpt", str(real_checkpoint[0]), "--format",
-                             "onnx", "--out", str(out), "--data-dir", str(real_data_dir)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mnist_lab.export",
+            "--ckpt",
+            str(real_checkpoint[0]),
+            "--format",
+            "onnx",
+            "--out",
+            str(out),
+            "--data-dir",
+            str(real_data_dir),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     return out, result.stdout
 
@@ -25,7 +41,9 @@ def onnx_file(real_checkpoint, real_data_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_export_passes_its_parity_check_on_real_digits(onnx_file):
     _, stdout = onnx_file
-    match = re.search(r"Parity on 1000 real MNIST test digits: max \|ONNX Runtime - PyTorch\| logit difference (\S+)", stdout)
+    match = re.search(
+        r"Parity on 1000 real MNIST test digits: max \|ONNX Runtime - PyTorch\| logit difference (\S+)", stdout
+    )
     assert match and float(match.group(1)) < 1e-4, stdout
 
 
@@ -52,8 +70,16 @@ def test_predict_reads_the_onnx_file_like_the_checkpoint(onnx_file, real_checkpo
     for i in range(10):
         paths.append(str(tmp_path / f"{i}.png"))
         Image.fromarray(test.data[i].numpy()).resize((64, 64)).save(paths[-1])
-    outputs = [subprocess.run([sys.executable, "-m", "mnist_lab.predict", "--ckpt", str(model), *paths], cwd=ROOT,
-                              capture_output=True, text=True, timeout=300) for model in (onnx_file[0], real_checkpoint[0])]
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-m", "mnist_lab.predict", "--ckpt", str(model), *paths],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        for model in (onnx_file[0], real_checkpoint[0])
+    ]
     assert all(o.returncode == 0 for o in outputs), [o.stderr for o in outputs]
     digits = [[line.split(": ")[1].split()[0] for line in o.stdout.splitlines()] for o in outputs]
     assert digits[0] == digits[1] and len(digits[0]) == 10
@@ -68,13 +94,16 @@ def test_a_broken_onnx_file_is_refused(tmp_path):
         OnnxClassifier(tmp_path / "missing.onnx")
 
 
-@pytest.mark.parametrize("out, message", [
-    ("model.ckpt", "must end in .onnx"),  # the checkpoint itself: the export once overwrote it
-    ("folder.onnx", "is a folder"),
-    ("taken.onnx", "is a file already there"),
-    ("/proc/model.onnx", "cannot write to the output folder /proc"),
-    ("missing/model.onnx", "no folder"),
-])
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("model.ckpt", "must end in .onnx"),  # the checkpoint itself: the export once overwrote it
+        ("folder.onnx", "is a folder"),
+        ("taken.onnx", "is a file already there"),
+        ("/proc/model.onnx", "cannot write to the output folder /proc"),
+        ("missing/model.onnx", "no folder"),
+    ],
+)
 def test_an_output_that_is_an_input_a_folder_or_unwritable_is_refused(out, message, small_checkpoint, tmp_path):
     from mnist_lab.export import main
 

@@ -17,8 +17,15 @@ def plotted(ax) -> list[tuple[float, float]]:
 
 
 def test_curves_show_the_logged_training_loss_and_validation(tmp_path):
-    write_scalars(tmp_path, {"train/loss": [(99, 0.875), (199, 0.5)], "train/loss_epoch": [(199, 0.75)],
-                             "val/loss": [(199, 0.375)], "val/acc": [(199, 0.875)]})
+    write_scalars(
+        tmp_path,
+        {
+            "train/loss": [(99, 0.875), (199, 0.5)],
+            "train/loss_epoch": [(199, 0.75)],
+            "val/loss": [(199, 0.375)],
+            "val/acc": [(199, 0.875)],
+        },
+    )
     training, val_loss, val_acc = curves_figure(tmp_path).axes
     assert plotted(training) == [(99, 0.875), (199, 0.5)]  # the steps' values, not the epoch's mean
     assert plotted(val_loss) == [(199, 0.375)] and plotted(val_acc) == [(199, 0.875)]

@@ -41,7 +41,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         state[module], _ = "open", path.append(module)
         for other in sorted(graph[module]):
             if state.get(other) == "open":
-                found.append(path[path.index(other):] + [other])
+                found.append(path[path.index(other) :] + [other])
             elif other not in state:
                 visit(other)
         state[module], _ = "done", path.pop()

@@ -37,8 +37,11 @@ def artifacts(client, run_id: str, path: str | None = None) -> list[str]:
 @pytest.mark.slow
 def test_csv_and_mlflow_carry_what_tensorboard_does(synthetic_dir, tmp_path):
     run = tmp_path / "run"
-    result = run_train("logger=[csv,mlflow]", *smoke_overrides(synthetic_dir, "model=softmax", "loss=label_smoothing"),
-                       f"hydra.run.dir={run}")
+    result = run_train(
+        "logger=[csv,mlflow]",
+        *smoke_overrides(synthetic_dir, "model=softmax", "loss=label_smoothing"),
+        f"hydra.run.dir={run}",
+    )
     assert result.returncode == 0, result.stderr
     metrics = json.loads((run / "metrics.json").read_text())
     tensorboard = EventAccumulator(str(run), size_guidance={"scalars": 0})
@@ -62,29 +65,50 @@ def test_csv_and_mlflow_carry_what_tensorboard_does(synthetic_dir, tmp_path):
     assert [round(m.value, 5) for m in sorted(history, key=lambda m: m.step)] == train_loss
     assert (mlflow_run.data.params["model"], mlflow_run.data.params["loss"]) == ("SoftmaxRegression", "LabelSmoothing")
     assert set(artifacts(client, mlflow_run.info.run_id)) == {
-        "curves.png", "metrics.json", "test/samples.png", "test/misclassified.png", "test/confusion_matrix.png"}
+        "curves.png",
+        "metrics.json",
+        "test/samples.png",
+        "test/misclassified.png",
+        "test/confusion_matrix.png",
+    }
 
 
 @pytest.mark.slow
 def test_a_sweep_keeps_one_mlflow_store_with_a_run_per_job(synthetic_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_train("-m", "logger=mlflow", *smoke_overrides(synthetic_dir, "model=softmax"), "optimizer.lr=0.05,0.1",
-                       f"hydra.sweep.dir={sweep}")
+    result = run_train(
+        "-m",
+        "logger=mlflow",
+        *smoke_overrides(synthetic_dir, "model=softmax"),
+        "optimizer.lr=0.05,0.1",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert result.returncode == 0, result.stderr
     _, runs = mlflow_runs(sweep / "mlflow.db")
     assert [(r.info.run_name, r.data.params["optimizer.lr"]) for r in runs] == [
-        ("lr=0.05", "0.05"), ("lr=0.1", "0.1")]  # named as the TensorBoard runs
+        ("lr=0.05", "0.05"),
+        ("lr=0.1", "0.1"),
+    ]  # named as the TensorBoard runs
     assert not list(sweep.glob("*/mlflow.db"))
-    again = run_train("-m", "logger=mlflow", *smoke_overrides(synthetic_dir, "model=softmax"), "optimizer.lr=0.05,0.1",
-                      f"hydra.sweep.dir={sweep}")  # the same sweep again: the store is the sweep's own
+    again = run_train(
+        "-m",
+        "logger=mlflow",
+        *smoke_overrides(synthetic_dir, "model=softmax"),
+        "optimizer.lr=0.05,0.1",
+        f"hydra.sweep.dir={sweep}",
+    )  # the same sweep again: the store is the sweep's own
     assert again.returncode == 0, again.stderr
 
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_in_the_same_csv_and_mlflow_runs(synthetic_dir, tmp_path):
     run = tmp_path / "run"
-    args = ["logger=[csv,mlflow]", *smoke_overrides(synthetic_dir, "model=softmax", "trainer.max_epochs=3"),
-            f"+callbacks.kill._target_={KILLER}", f"hydra.run.dir={run}"]
+    args = [
+        "logger=[csv,mlflow]",
+        *smoke_overrides(synthetic_dir, "model=softmax", "trainer.max_epochs=3"),
+        f"+callbacks.kill._target_={KILLER}",
+        f"hydra.run.dir={run}",
+    ]
     killed = run_train(*args, env={"MNIST_LAB_TEST_KILL_AT_EPOCH": "2"})
     assert killed.returncode == -9
     resumed = run_train(f"resume={run}", f"trusted_targets=[{KILLER}]")
@@ -114,9 +138,13 @@ def test_tensorboard_cannot_be_left_out(make_cfg, tmp_path):
 @pytest.mark.slow
 def test_a_tracking_uri_given_is_used_instead_of_the_run_folder(synthetic_dir, tmp_path):
     store = tmp_path / "elsewhere.db"
-    result = run_train("logger=mlflow", f"logger.mlflow.tracking_uri=sqlite:///{store}",
-                       "logger.mlflow.experiment_name=mnist_lab", *smoke_overrides(synthetic_dir, "model=softmax"),
-                       f"hydra.run.dir={tmp_path / 'run'}")
+    result = run_train(
+        "logger=mlflow",
+        f"logger.mlflow.tracking_uri=sqlite:///{store}",
+        "logger.mlflow.experiment_name=mnist_lab",
+        *smoke_overrides(synthetic_dir, "model=softmax"),
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     assert result.returncode == 0, result.stderr
     client, (mlflow_run,) = mlflow_runs(store)
     assert mlflow_run.info.status == "FINISHED" and not (tmp_path / "run" / "mlflow.db").exists()

@@ -9,8 +9,12 @@ import torch.nn.functional as F
 from mnist_lab.errors import InputError
 from tests.conftest import run_train, smoke_overrides
 
-LOSSES = {"cross_entropy": "CrossEntropyLoss", "nll": "LogSoftmaxNLL", "label_smoothing": "LabelSmoothing",
-          "multi_margin": "MultiMarginLoss"}
+LOSSES = {
+    "cross_entropy": "CrossEntropyLoss",
+    "nll": "LogSoftmaxNLL",
+    "label_smoothing": "LabelSmoothing",
+    "multi_margin": "MultiMarginLoss",
+}
 
 
 def test_each_loss_is_the_function_it_names(make_cfg):
@@ -39,8 +43,13 @@ def test_a_sweep_over_losses_trains_each_and_logs_it(synthetic_dir, tmp_path):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     sweep = tmp_path / "sweep"
-    result = run_train("-m", *smoke_overrides(synthetic_dir, "model=softmax"), f"loss={','.join(LOSSES)}",
-                       f"hydra.sweep.dir={sweep}", timeout=300)
+    result = run_train(
+        "-m",
+        *smoke_overrides(synthetic_dir, "model=softmax"),
+        f"loss={','.join(LOSSES)}",
+        f"hydra.sweep.dir={sweep}",
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     for job, (name, cls) in enumerate(LOSSES.items()):
         folder = sweep / str(job)
@@ -49,7 +58,9 @@ def test_a_sweep_over_losses_trains_each_and_logs_it(synthetic_dir, tmp_path):
         accumulator = EventAccumulator(str(run_dir))
         accumulator.Reload()
         content = accumulator.PluginTagToContent("hparams")
-        session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+        session = plugin_data_pb2.HParamsPluginData.FromString(
+            content["_hparams_/session_start_info"]
+        ).session_start_info
         assert session.hparams["loss"].string_value == cls, name
         assert run_dir.name == f"loss={name}"  # the TensorBoard run is named by the swept value
 

@@ -15,7 +15,11 @@ ARCHITECTURES = [
     # conv 6@5x5, conv 16@5x5 on 6 channels, then 400 -> 120 -> 84 -> 10
     (LeNet, {}, (6 * 25 + 6) + (16 * 6 * 25 + 16) + (400 * 120 + 120) + (120 * 84 + 84) + (84 * 10 + 10)),
     # per block two 3x3 convs without bias, each followed by batch norm (2 parameters a channel)
-    (CNN, {"channels": [8, 16]}, (1 * 8 * 9 + 16) + (8 * 8 * 9 + 16) + (8 * 16 * 9 + 32) + (16 * 16 * 9 + 32) + (16 * 10 + 10)),
+    (
+        CNN,
+        {"channels": [8, 16]},
+        (1 * 8 * 9 + 16) + (8 * 8 * 9 + 16) + (8 * 16 * 9 + 32) + (16 * 16 * 9 + 32) + (16 * 10 + 10),
+    ),
 ]
 
 
@@ -64,15 +68,27 @@ def test_learning_rate_must_be_positive(lr):
 def test_hyperparameters_are_plain_data():
     model = MLP(hidden_sizes=[64, 32], optimizer={"_target_": "torch.optim.Adam", "lr": 0.01})
     assert dict(model.hparams) == {
-        "hidden_sizes": [64, 32], "activation": "ReLU", "dropout": 0.2, "num_classes": 10,
-        "optimizer": {"_target_": "torch.optim.Adam", "lr": 0.01}, "scheduler": None, "loss": None,
+        "hidden_sizes": [64, 32],
+        "activation": "ReLU",
+        "dropout": 0.2,
+        "num_classes": 10,
+        "optimizer": {"_target_": "torch.optim.Adam", "lr": 0.01},
+        "scheduler": None,
+        "loss": None,
     }
 
 
 def test_cnn_blocks_pool_between_them_and_normalize_every_conv():
     model = CNN(channels=[16, 32, 64], dropout=0.2)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 16), (16, 16), (16, 32), (32, 32), (32, 64), (64, 64)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [
+        (1, 16),
+        (16, 16),
+        (16, 32),
+        (32, 32),
+        (32, 64),
+        (64, 64),
+    ]
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 6
     assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 2  # 28 -> 14 -> 7
     assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] == [0.2]
@@ -83,8 +99,12 @@ def test_on_a_cpu_convolution_weights_turn_channels_last_and_the_outputs_stay_th
     x = torch.randn(16, 1, 28, 28)
     with torch.no_grad():
         before = model(x)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.validate(model, DataLoader(TensorDataset(x, torch.zeros(16, dtype=torch.long)), batch_size=16), verbose=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.validate(
+        model, DataLoader(TensorDataset(x, torch.zeros(16, dtype=torch.long)), batch_size=16), verbose=False
+    )
     assert model.net[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert model.net[7].weight.is_contiguous()  # a Linear's weights stay as they are
     with torch.no_grad():

@@ -44,20 +44,43 @@ def project(tmp_path_factory) -> Path:
 
 def run_in(project: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python ARGS` in the copy (`train.py ...` or `-m mnist_lab.<tool> ...`), as the reader runs it."""
-    return subprocess.run([sys.executable, *args], cwd=project, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(project)})
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(project)},
+    )
 
 
 def start_in(project: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "PYTHONPATH": str(project)})
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(project)},
+    )
 
 
 def short(data_dir: Path, *extra: str) -> list[str]:
     """The page's model on the real MNIST, with short epochs and no figures."""
-    return [f"data.data_dir={data_dir}", "data.download=false", "model=tiny", "model.width=32", "trainer=cpu",
-            "+trainer.limit_train_batches=30", "data.val_size=1000", "+trainer.limit_test_batches=2",
-            "callbacks.test_figures=null", "callbacks.progress_bar=null", "+trainer.enable_progress_bar=false", *extra]
+    return [
+        f"data.data_dir={data_dir}",
+        "data.download=false",
+        "model=tiny",
+        "model.width=32",
+        "trainer=cpu",
+        "+trainer.limit_train_batches=30",
+        "data.val_size=1000",
+        "+trainer.limit_test_batches=2",
+        "callbacks.test_figures=null",
+        "callbacks.progress_bar=null",
+        "+trainer.enable_progress_bar=false",
+        *extra,
+    ]
 
 
 def signal_after_checkpoint(process: subprocess.Popen, checkpoint: Path, signum: int, newer_than: float = 0) -> str:
@@ -90,27 +113,48 @@ def test_own_model_trains_stops_resumes_and_is_evaluated_and_predicted(project, 
     assert metrics["test/acc"] > 0.8  # a 32-unit hidden layer learns MNIST within a few epochs of 30 batches
 
     best = run / metrics["best_checkpoint"]
-    evaluated = run_in(project, "-m", "mnist_lab.evaluate", "--ckpt", str(best), "--data-dir", str(real_data_dir),
-                       "--out", str(tmp_path / "evaluation"))
+    evaluated = run_in(
+        project,
+        "-m",
+        "mnist_lab.evaluate",
+        "--ckpt",
+        str(best),
+        "--data-dir",
+        str(real_data_dir),
+        "--out",
+        str(tmp_path / "evaluation"),
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())["test/acc"] > 0.8
 
     raw = (real_data_dir / "MNIST" / "raw" / "t10k-images-idx3-ubyte").read_bytes()
-    Image.fromarray(np.frombuffer(raw[16:16 + 784], np.uint8).reshape(28, 28)).save(tmp_path / "seven.png")
+    Image.fromarray(np.frombuffer(raw[16 : 16 + 784], np.uint8).reshape(28, 28)).save(tmp_path / "seven.png")
     predicted = run_in(project, "-m", "mnist_lab.predict", "--ckpt", str(best), "--json", str(tmp_path / "seven.png"))
     assert predicted.returncode == 0, predicted.stderr
     assert json.loads(predicted.stdout)[0]["digit"] == 7  # the test set's first digit
 
 
 def test_own_model_sweeps_on_a_grid_and_with_optuna(project, real_data_dir, tmp_path):
-    grid = run_in(project, "train.py", "-m", *short(real_data_dir, "trainer.max_epochs=1", "optimizer.lr=0.05,0.1"),
-                  f"hydra.sweep.dir={tmp_path / 'grid'}")
+    grid = run_in(
+        project,
+        "train.py",
+        "-m",
+        *short(real_data_dir, "trainer.max_epochs=1", "optimizer.lr=0.05,0.1"),
+        f"hydra.sweep.dir={tmp_path / 'grid'}",
+    )
     assert grid.returncode == 0, grid.stderr
     assert [json.loads((tmp_path / "grid" / job / "metrics.json").read_text())["status"] for job in "01"] == ["ok"] * 2
     assert (tmp_path / "grid" / "summary.md").is_file()
 
-    optuna = run_in(project, "train.py", "-m", "sweep=optuna", *short(real_data_dir, "trainer.max_epochs=1"),
-                    "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={tmp_path / 'optuna'}")
+    optuna = run_in(
+        project,
+        "train.py",
+        "-m",
+        "sweep=optuna",
+        *short(real_data_dir, "trainer.max_epochs=1"),
+        "hydra.sweeper.n_trials=1",
+        f"hydra.sweep.dir={tmp_path / 'optuna'}",
+    )
     assert optuna.returncode == 0, optuna.stderr
     assert "model.dropout is left out of this search: model=tiny takes no dropout" in optuna.stdout + optuna.stderr
     assert json.loads((tmp_path / "optuna" / "0" / "metrics.json").read_text())["status"] == "ok"

@@ -13,14 +13,15 @@ from tests.conftest import ROOT
 
 
 def predict_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mnist_lab.predict", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mnist_lab.predict", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def digit(size: int = 12) -> np.ndarray:
     """A white '1'-like bar on black, off centre, in a 28 x 28 uint8 image."""
     image = np.zeros((28, 28), dtype=np.uint8)
-    image[4: 4 + size, 3:6] = 255
+    image[4 : 4 + size, 3:6] = 255
     return image
 
 
@@ -80,7 +81,7 @@ def test_cli_prints_a_line_per_file_json_and_fails_only_the_bad_file(real_checkp
     result = predict_cli("--ckpt", ckpt, "--json", *map(str, good))
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
-    assert [(r["path"], r["digit"]) for r in rows] == [(str(p), d) for p, d in zip(good, labels[:2])]
+    assert [(r["path"], r["digit"]) for r in rows] == [(str(p), d) for p, d in zip(good, labels[:2], strict=True)]
     assert all(len(r["probabilities"]) == 10 and r["probability"] == max(r["probabilities"]) for r in rows)
 
 
@@ -98,17 +99,20 @@ def test_preprocessing_makes_an_mnist_digit():
     assert all(abs(c - 13.5) <= 0.6 for c in com)  # centred by centre of mass
 
 
-@pytest.mark.parametrize("make", [
-    lambda: Image.fromarray(digit()).convert("RGB"),
-    lambda: Image.fromarray(digit()).convert("RGBA"),
-    lambda: Image.fromarray(255 - digit()),  # inverted
-    lambda: Image.fromarray(digit().astype(np.uint16) * 257),  # 16-bit
-    lambda: Image.fromarray(digit().astype(np.float32) / 255),  # 32-bit float in [0, 1]
-    lambda: Image.fromarray(digit().astype(np.int32) * 257),  # 32-bit integer holding 16-bit values
-    lambda: Image.fromarray(digit()).convert("1"),
-    lambda: Image.fromarray(digit()).convert("P"),
-    lambda: Image.fromarray(digit()).resize((4000, 4000)),  # huge
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Image.fromarray(digit()).convert("RGB"),
+        lambda: Image.fromarray(digit()).convert("RGBA"),
+        lambda: Image.fromarray(255 - digit()),  # inverted
+        lambda: Image.fromarray(digit().astype(np.uint16) * 257),  # 16-bit
+        lambda: Image.fromarray(digit().astype(np.float32) / 255),  # 32-bit float in [0, 1]
+        lambda: Image.fromarray(digit().astype(np.int32) * 257),  # 32-bit integer holding 16-bit values
+        lambda: Image.fromarray(digit()).convert("1"),
+        lambda: Image.fromarray(digit()).convert("P"),
+        lambda: Image.fromarray(digit()).resize((4000, 4000)),  # huge
+    ],
+)
 def test_odd_images_give_the_same_digit(make):
     reference = to_mnist(Image.fromarray(digit()))
     out = to_mnist(make())
@@ -147,7 +151,9 @@ def test_a_non_checkpoint_is_refused_before_any_image(tmp_path):
 
 def test_an_image_that_decodes_to_gigabytes_is_refused_from_its_header(tmp_path):
     path = tmp_path / "bomb.png"
-    Image.new("1", (6000, 5000)).save(path)  # 30 megapixels in a few kB, under the 89 million at which Pillow starts to warn
+    Image.new("1", (6000, 5000)).save(
+        path
+    )  # 30 megapixels in a few kB, under the 89 million at which Pillow starts to warn
     assert path.stat().st_size < 100_000
     with pytest.raises(InputError, match="6000 x 5000 pixels is more than the 25 megapixels predict reads"):
         load_image(path)

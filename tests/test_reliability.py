@@ -16,9 +16,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mnist_lab.data import BatchIndices
 from mnist_lab.errors import InputError
+from mnist_lab.jobs import check_multirun_strategy
 from mnist_lab.resume import check_resume_command
 from mnist_lab.run_folder import claim
-from mnist_lab.jobs import check_multirun_strategy
 from tests.conftest import ROOT, run_train, smoke_overrides
 
 BATCHES = 40  # training batches per epoch in the signal tests: about 2 s of the CNN per epoch
@@ -29,16 +29,30 @@ def real_overrides(data_dir: Path, *extra: str) -> list[str]:
     on the real MNIST, with short epochs, a logged loss every 5 steps, 1,000 validation and
     2,000 test images, and no test figures."""
     return [
-        f"data.data_dir={data_dir}", "data.download=false", "model=cnn", "trainer=cpu", "trainer.max_epochs=2",
-        f"+trainer.limit_train_batches={BATCHES}", "trainer.log_every_n_steps=5", "data.val_size=1000",
-        "+trainer.limit_test_batches=2", "callbacks.test_figures=null", "callbacks.progress_bar=null",
-        "+trainer.enable_progress_bar=false", *extra,
+        f"data.data_dir={data_dir}",
+        "data.download=false",
+        "model=cnn",
+        "trainer=cpu",
+        "trainer.max_epochs=2",
+        f"+trainer.limit_train_batches={BATCHES}",
+        "trainer.log_every_n_steps=5",
+        "data.val_size=1000",
+        "+trainer.limit_test_batches=2",
+        "callbacks.test_figures=null",
+        "callbacks.progress_bar=null",
+        "+trainer.enable_progress_bar=false",
+        *extra,
     ]
 
 
 def start(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -87,7 +101,8 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_mid_epoch_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(
-        signum, real_data_dir, uninterrupted, tmp_path):
+    signum, real_data_dir, uninterrupted, tmp_path
+):
     run_dir = tmp_path / "run"
     proc = start(run_dir, real_overrides(real_data_dir))
     wait_for(run_dir / "checkpoints" / "last.ckpt", proc)  # epoch 0 is done: stop inside epoch 1
@@ -109,7 +124,9 @@ def test_signal_mid_epoch_saves_a_checkpoint_and_resume_matches_an_uninterrupted
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_the_same_command_resumes_from_the_epoch_boundary(real_data_dir, uninterrupted, tmp_path):
+def test_sigkill_mid_epoch_then_the_same_command_resumes_from_the_epoch_boundary(
+    real_data_dir, uninterrupted, tmp_path
+):
     run_dir = tmp_path / "run"
     proc = start(run_dir, real_overrides(real_data_dir))
     wait_for(run_dir / "checkpoints" / "last.ckpt", proc)
@@ -189,11 +206,13 @@ def test_resume_refuses_what_it_cannot_continue(finished_run, tmp_path):
     failed = tmp_path / "failed"
     shutil.copytree(finished_run, failed, ignore=shutil.ignore_patterns(".lock"))
     # A run stopped by the machine (a full disk) goes on; one that diverged is final, and says how to start over.
-    (failed / "metrics.json").write_text(json.dumps({"status": "failed", "error": "OSError: [Errno 27] File too large",
-                                                     "resumable": True}))
+    (failed / "metrics.json").write_text(
+        json.dumps({"status": "failed", "error": "OSError: [Errno 27] File too large", "resumable": True})
+    )
     assert check_resume_command(failed, [f"resume={failed}"]) == failed / "checkpoints" / "last.ckpt"
-    (failed / "metrics.json").write_text(json.dumps({"status": "failed", "error": "Diverged: training diverged",
-                                                     "resumable": False}))
+    (failed / "metrics.json").write_text(
+        json.dumps({"status": "failed", "error": "Diverged: training diverged", "resumable": False})
+    )
     with pytest.raises(InputError, match="that run cannot go on .*start over in a new folder with: python train.py "):
         check_resume_command(failed, [f"resume={failed}"])
 
@@ -225,23 +244,27 @@ def test_a_folder_in_use_is_refused(synthetic_dir, tmp_path):
 def test_a_stopped_run_is_not_resumed_with_other_settings(finished_run, synthetic_dir, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir, ignore=shutil.ignore_patterns(".lock", "metrics.json"))  # killed at its end
-    error = single_error(run_train(*smoke_overrides(synthetic_dir, "model=softmax", "optimizer.lr=0.5"),
-                                   f"hydra.run.dir={run_dir}"))
+    error = single_error(
+        run_train(*smoke_overrides(synthetic_dir, "model=softmax", "optimizer.lr=0.5"), f"hydra.run.dir={run_dir}")
+    )
     assert "holds a stopped run with other settings (optimizer.lr=0.05->0.5" in error
 
 
 @pytest.mark.slow
 def test_sweeps_started_together_get_their_own_folders_and_a_used_one_is_refused(synthetic_dir, tmp_path):
     args = [sys.executable, str(ROOT / "train.py"), "-m", *smoke_overrides(synthetic_dir, "model=softmax"), "seed=1"]
-    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     for proc in procs:
         assert proc.wait(timeout=300) == 0, proc.stderr.read()
     sweeps = list((tmp_path / "outputs" / "sweeps").glob("*/*"))
     assert len(sweeps) == 2
     assert all(len(list(sweep.glob("*/metrics.json"))) == 1 for sweep in sweeps)
-    error = single_error(run_train("-m", *smoke_overrides(synthetic_dir, "model=softmax"), "seed=1,2",
-                                   f"hydra.sweep.dir={sweeps[0]}"))
+    error = single_error(
+        run_train("-m", *smoke_overrides(synthetic_dir, "model=softmax"), "seed=1,2", f"hydra.sweep.dir={sweeps[0]}")
+    )
     assert f"{sweeps[0]} already holds another sweep" in error
 
 
@@ -249,8 +272,9 @@ def test_sweeps_started_together_get_their_own_folders_and_a_used_one_is_refused
 def test_divergence_stops_at_the_first_bad_step(synthetic_dir, tmp_path):
     run_dir = tmp_path / "run"
     # Logged every 100 steps, the loss is still checked at every step on the CPU.
-    overrides = smoke_overrides(synthetic_dir, "model=lenet", "optimizer.lr=1e30", "scheduler=none",
-                                "trainer.log_every_n_steps=100")
+    overrides = smoke_overrides(
+        synthetic_dir, "model=lenet", "optimizer.lr=1e30", "scheduler=none", "trainer.log_every_n_steps=100"
+    )
     error = single_error(run_train(*overrides, f"hydra.run.dir={run_dir}"))
     assert "training diverged: the loss is nan at step 1; lower the learning rate (optimizer.lr=1e+30)" in error
     assert metrics(run_dir)["status"] == "failed"
@@ -276,8 +300,9 @@ def test_skipped_batches_resume_the_same_permutation():
 @pytest.mark.slow
 def test_ddp_inside_a_local_sweep_is_refused_before_any_job(synthetic_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    error = single_error(run_train("-m", *smoke_overrides(synthetic_dir, "trainer=ddp_cpu"), "seed=1,2",
-                                   f"hydra.sweep.dir={sweep}"))
+    error = single_error(
+        run_train("-m", *smoke_overrides(synthetic_dir, "trainer=ddp_cpu"), "seed=1,2", f"hydra.sweep.dir={sweep}")
+    )
     assert "trainer.strategy=ddp cannot run inside -m here" in error
     assert not list(sweep.glob("*/metrics.json"))
 
@@ -306,31 +331,57 @@ def test_ddp_cpu_trains_in_two_processes_within_0_3_points_of_one(real_checkpoin
     """One epoch of LeNet-5 in 2 processes of 32 images a batch (a global batch of 64, as in one
     process) against the one-process epoch of the real_checkpoint fixture."""
     run_dir = tmp_path / "run"
-    result = run_train(f"data.data_dir={real_data_dir}", "model=lenet", "trainer=ddp_cpu", "trainer.max_epochs=1",
-                       "data.batch_size=32", "callbacks.progress_bar=null", "+trainer.enable_progress_bar=false",
-                       f"hydra.run.dir={run_dir}", timeout=400)
+    result = run_train(
+        f"data.data_dir={real_data_dir}",
+        "model=lenet",
+        "trainer=ddp_cpu",
+        "trainer.max_epochs=1",
+        "data.batch_size=32",
+        "callbacks.progress_bar=null",
+        "+trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+        timeout=400,
+    )
     assert result.returncode == 0, result.stderr
     assert "Starting with 2 processes" in result.stderr + result.stdout
     # 55,000 training images, 32 a batch: 1,719 batches, 859 for each process.
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 859
     _, single = real_checkpoint
-    assert abs(metrics(run_dir)["test/acc"] - single["test/acc"]) <= 0.003, (metrics(run_dir)["test/acc"], single["test/acc"])
+    assert abs(metrics(run_dir)["test/acc"] - single["test/acc"]) <= 0.003, (
+        metrics(run_dir)["test/acc"],
+        single["test/acc"],
+    )
 
 
 @pytest.mark.slow
 def test_a_signal_stops_a_whole_sweep_and_its_job_resumes_alone(real_data_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    args = [sys.executable, str(ROOT / "train.py"), "-m", f"data.data_dir={real_data_dir}", "model=lenet", "trainer=cpu",
-            "trainer.max_epochs=2", "+trainer.limit_train_batches=100", "data.val_size=1000",
-            "+trainer.limit_test_batches=2", "callbacks.test_figures=null", "callbacks.progress_bar=null",
-            "+trainer.enable_progress_bar=false", "seed=1,2,3", f"hydra.sweep.dir={sweep}"]
+    args = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        f"data.data_dir={real_data_dir}",
+        "model=lenet",
+        "trainer=cpu",
+        "trainer.max_epochs=2",
+        "+trainer.limit_train_batches=100",
+        "data.val_size=1000",
+        "+trainer.limit_test_batches=2",
+        "callbacks.test_figures=null",
+        "callbacks.progress_bar=null",
+        "+trainer.enable_progress_bar=false",
+        "seed=1,2,3",
+        f"hydra.sweep.dir={sweep}",
+    ]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(sweep / "1" / "checkpoints" / "last.ckpt", proc)  # job 1 is in its second epoch
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
-    assert f"Resume the sweep with:\n  python train.py resume={sweep}\nor this job alone with:\n  python train.py " \
+    assert (
+        f"Resume the sweep with:\n  python train.py resume={sweep}\nor this job alone with:\n  python train.py "
         f"resume={sweep / '1'}" in stderr
+    )
     assert metrics(sweep / "1")["status"] == "interrupted" and not (sweep / "2").exists()
 
     result = run_train(f"resume={sweep / '1'}", timeout=300)

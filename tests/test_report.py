@@ -11,9 +11,9 @@ import yaml
 
 from mnist_lab.errors import InputError
 from mnist_lab.jobs import SweepReport
+from mnist_lab.recipe import run
 from mnist_lab.report import write_report
 from mnist_lab.sweep_folder import run_name, sweep_keys
-from mnist_lab.recipe import run
 from tests.conftest import ARCHITECTURES, ROOT, run_train, smoke_overrides
 
 
@@ -35,15 +35,31 @@ def rows(sweep: Path) -> list[dict]:
 
 
 def test_grid_report_marks_the_best_by_val_acc(tmp_path):
-    grid = [("0.01", "64", 0.97, 0.99), ("0.01", "256", 0.95, 0.95), ("0.1", "64", 0.98, 0.96), ("0.1", "256", 0.96, 0.97)]
+    grid = [
+        ("0.01", "64", 0.97, 0.99),
+        ("0.01", "256", 0.95, 0.95),
+        ("0.1", "64", 0.98, 0.96),
+        ("0.1", "256", 0.96, 0.97),
+    ]
     for num, (lr, bs, val, test) in enumerate(grid):
         overrides = ["model=lenet", f"optimizer.lr={lr}", f"data.batch_size={bs}", "~callbacks.progress_bar"]
         fake_job(tmp_path, num, overrides, ok(val, test))
     write_report(tmp_path)
     table = rows(tmp_path)
     assert [r["job"] for r in table] == ["0", "1", "2", "3"]
-    assert list(table[0]) == ["job", "optimizer.lr", "data.batch_size", "status", "val/acc", "test/acc", "epochs",
-                              "fit_time_s", "best", "error", "pruned_at_epoch"]
+    assert list(table[0]) == [
+        "job",
+        "optimizer.lr",
+        "data.batch_size",
+        "status",
+        "val/acc",
+        "test/acc",
+        "epochs",
+        "fit_time_s",
+        "best",
+        "error",
+        "pruned_at_epoch",
+    ]
     assert [r["best"] for r in table] == ["False", "False", "True", "False"]  # by val/acc, not test/acc
     summary = (tmp_path / "summary.md").read_text()
     assert "| 2 **best** | 0.1 | 64 | ok | 0.9800 | 0.9600 |" in summary
@@ -57,7 +73,9 @@ def test_failed_and_unfinished_jobs_are_listed(tmp_path):
     fake_job(tmp_path, 2, ["optimizer.lr=0.1"], None)
     write_report(tmp_path)
     assert [(r["status"], r["best"], r["error"]) for r in rows(tmp_path)] == [
-        ("ok", "True", ""), ("failed", "False", "InputError: training diverged"), ("running", "False", ""),
+        ("ok", "True", ""),
+        ("failed", "False", "InputError: training diverged"),
+        ("running", "False", ""),
     ]
     assert "3 jobs: 1 ok, 1 running, 1 failed." in (tmp_path / "summary.md").read_text()
 
@@ -77,10 +95,16 @@ def test_seeds_are_aggregated_as_mean_and_std(tmp_path):
         assert f"| {lr} | 3 | {val} | {test} |" in summary
 
 
-@pytest.mark.parametrize("damage", [
-    ("1/metrics.json", ""), ("1/metrics.json", '{"status": "ok", "val/acc": "high"'), ("1/metrics.json", "[1, 2]"),
-    ("1/.hydra/overrides.yaml", "- [unclosed"),
-], ids=["empty metrics", "truncated metrics", "metrics not a dict", "malformed overrides"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        ("1/metrics.json", ""),
+        ("1/metrics.json", '{"status": "ok", "val/acc": "high"'),
+        ("1/metrics.json", "[1, 2]"),
+        ("1/.hydra/overrides.yaml", "- [unclosed"),
+    ],
+    ids=["empty metrics", "truncated metrics", "metrics not a dict", "malformed overrides"],
+)
 def test_one_bad_job_file_never_cancels_the_others(damage, tmp_path):
     fake_job(tmp_path, 0, ["optimizer.lr=0.01"], ok(0.97, 0.97))
     fake_job(tmp_path, 1, ["optimizer.lr=0.05"], ok(0.99, 0.99))
@@ -114,8 +138,14 @@ def test_divergence_stops_the_run_with_advice(synthetic_dir, make_cfg, tmp_path)
 @pytest.mark.slow
 def test_multirun_grid_writes_a_report_with_the_best_job(synthetic_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_train("-m", *smoke_overrides(synthetic_dir, "model=softmax"), "optimizer.lr=0.01,0.5",
-                       "data.split_seed=1,2", f"hydra.sweep.dir={sweep}", timeout=300)
+    result = run_train(
+        "-m",
+        *smoke_overrides(synthetic_dir, "model=softmax"),
+        "optimizer.lr=0.01,0.5",
+        "data.split_seed=1,2",
+        f"hydra.sweep.dir={sweep}",
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     metrics = {d.name: json.loads((d / "metrics.json").read_text()) for d in sweep.iterdir() if d.is_dir()}
     assert sorted(metrics) == ["0", "1", "2", "3"]
@@ -126,8 +156,12 @@ def test_multirun_grid_writes_a_report_with_the_best_job(synthetic_dir, tmp_path
     assert (sweep / "summary.png").exists()
     # TensorBoard names each run by its swept values; checkpoints stay in the job folder
     assert json.loads((sweep / "sweep.json").read_text()) == {"swept": ["optimizer.lr", "data.split_seed"]}
-    names = {"0": "lr=0.01,split_seed=1", "1": "lr=0.01,split_seed=2", "2": "lr=0.5,split_seed=1",
-             "3": "lr=0.5,split_seed=2"}
+    names = {
+        "0": "lr=0.01,split_seed=1",
+        "1": "lr=0.01,split_seed=2",
+        "2": "lr=0.5,split_seed=1",
+        "3": "lr=0.5,split_seed=2",
+    }
     for job, name in names.items():
         assert list((sweep / job / name).glob("events.out.tfevents.*")), sorted(p.name for p in (sweep / job).iterdir())
         assert (sweep / job / metrics[job]["best_checkpoint"]).parent == sweep / job / "checkpoints"
@@ -150,8 +184,13 @@ def session_hparams(run_dir: Path) -> dict:
 @pytest.mark.slow
 def test_a_failing_job_is_listed_and_the_others_finish(synthetic_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_train("-m", *smoke_overrides(synthetic_dir, "model=softmax"), "optimizer.lr=0.01,0.05,-1,0.1",
-                       f"hydra.sweep.dir={sweep}", timeout=300)
+    result = run_train(
+        "-m",
+        *smoke_overrides(synthetic_dir, "model=softmax"),
+        "optimizer.lr=0.01,0.05,-1,0.1",
+        f"hydra.sweep.dir={sweep}",
+        timeout=300,
+    )
     # It ends with its report and one line, not a traceback.
     assert result.returncode == 1 and "Traceback" not in result.stderr + result.stdout, result.stderr
     assert f"Sweep report: {sweep / 'summary.md'}" in result.stdout
@@ -170,13 +209,20 @@ def hydra_config(*overrides: str, params: dict | None = None):
 
 
 def test_swept_keys_come_from_the_command_line_and_the_sweep_config():
-    config = hydra_config("model=lenet", "optimizer.lr=0.01,0.1", "data.batch_size=range(32,129,32)", "seed=1",
-                          params={"optimizer.weight_decay": "tag(log, interval(1e-6, 1e-2))", "model.dropout": "0.1,0.2"})
+    config = hydra_config(
+        "model=lenet",
+        "optimizer.lr=0.01,0.1",
+        "data.batch_size=range(32,129,32)",
+        "seed=1",
+        params={"optimizer.weight_decay": "tag(log, interval(1e-6, 1e-2))", "model.dropout": "0.1,0.2"},
+    )
     assert sweep_keys(config) == ["optimizer.weight_decay", "model.dropout", "optimizer.lr", "data.batch_size"]
     # A single value on the command line fixes a key the sweep config would search.
     assert sweep_keys(hydra_config("model.dropout=0.3", params={"model.dropout": "0.1,0.2"})) == []
     assert sweep_keys(hydra_config("model=lenet,mlp", "+trainer.limit_train_batches=5,10")) == [
-        "model", "trainer.limit_train_batches"]
+        "model",
+        "trainer.limit_train_batches",
+    ]
 
 
 def test_run_names_are_short_and_say_what_was_swept():
@@ -186,7 +232,8 @@ def test_run_names_are_short_and_say_what_was_swept():
     assert run_name(["data.data_dir"], job) == "data_dir=_a_b"  # no slash: one folder per run
     # the same last part twice: the full keys tell them apart
     assert run_name(["optimizer.lr", "scheduler.lr"], ["optimizer.lr=0.1", "scheduler.lr=1e-05"]) == (
-        "optimizer.lr=0.1,scheduler.lr=1e-05")
+        "optimizer.lr=0.1,scheduler.lr=1e-05"
+    )
 
 
 def test_a_sweep_with_a_failed_job_ends_non_zero(tmp_path):
@@ -230,7 +277,9 @@ def test_every_model_takes_the_optuna_search_space_or_is_searched_without_what_i
     from hydra_plugins.mnist_lab_plugins.optuna_sweeper import takes
 
     config = make_cfg(f"model={model}", "sweep=optuna")
-    assert takes(config, "optimizer.lr") and takes(config, "data.batch_size") and takes(config, "optimizer.weight_decay")
+    assert (
+        takes(config, "optimizer.lr") and takes(config, "data.batch_size") and takes(config, "optimizer.weight_decay")
+    )
     if "dropout" not in config.model:  # a model of one's own without it: the search leaves it out, saying so
         assert not takes(config, "model.dropout") and "model.dropout is left out of this search" in caplog.text
         return
@@ -246,12 +295,20 @@ def test_optuna_sweep_runs_trials_that_a_seed_repeats(synthetic_dir, tmp_path):
     trials = {}
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     # a: in the sweep folder; b: the same search in a database of one's own; c: b's study grown to 4 trials
-    for attempt, extra in (("a", ["hydra.sweeper.n_trials=3"]),
-                           ("b", ["hydra.sweeper.n_trials=3", f"hydra.sweeper.storage={storage}"]),
-                           ("c", ["hydra.sweeper.n_trials=4", f"hydra.sweeper.storage={storage}"])):
+    for attempt, extra in (
+        ("a", ["hydra.sweeper.n_trials=3"]),
+        ("b", ["hydra.sweeper.n_trials=3", f"hydra.sweeper.storage={storage}"]),
+        ("c", ["hydra.sweeper.n_trials=4", f"hydra.sweeper.storage={storage}"]),
+    ):
         sweep = tmp_path / attempt
-        result = run_train("-m", "sweep=optuna", *extra, *smoke_overrides(synthetic_dir, "model=mlp"),
-                           f"hydra.sweep.dir={sweep}", timeout=300)
+        result = run_train(
+            "-m",
+            "sweep=optuna",
+            *extra,
+            *smoke_overrides(synthetic_dir, "model=mlp"),
+            f"hydra.sweep.dir={sweep}",
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr
         table = rows(sweep)
         assert all(r["status"] == "ok" for r in table)
@@ -300,8 +357,14 @@ def test_parallel_jobs_share_the_cores(n_jobs, cores, expected, monkeypatch):
 @pytest.mark.slow
 def test_joblib_launcher_runs_jobs_in_parallel_processes(synthetic_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_train("-m", "hydra/launcher=joblib", *smoke_overrides(synthetic_dir, "model=softmax"),
-                       "optimizer.lr=0.01,0.1", f"hydra.sweep.dir={sweep}", timeout=300)
+    result = run_train(
+        "-m",
+        "hydra/launcher=joblib",
+        *smoke_overrides(synthetic_dir, "model=softmax"),
+        "optimizer.lr=0.01,0.1",
+        f"hydra.sweep.dir={sweep}",
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "Joblib.Parallel(n_jobs=-1" in result.stdout + result.stderr
     assert [r["status"] for r in rows(sweep)] == ["ok", "ok"]
@@ -340,30 +403,51 @@ def test_slurm_preset_turns_its_overrides_into_sbatch_settings(tmp_path, monkeyp
     (bin_dir / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     from hydra import compose, initialize_config_dir
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
     from omegaconf import OmegaConf
 
-    overrides = ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=2",
-                 "hydra.launcher.timeout_min=120", f"hydra.sweep.dir={tmp_path}"]
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    overrides = [
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.gpus_per_node=2",
+        "hydra.launcher.timeout_min=120",
+        f"hydra.sweep.dir={tmp_path}",
+    ]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         launcher = compose("train", overrides, return_hydra_config=True).hydra.launcher
     params = {k: v for k, v in OmegaConf.to_container(launcher).items() if k not in {"_target_", "submitit_folder"}}
-    executor = submitit.AutoExecutor(folder=tmp_path, cluster="slurm", slurm_max_num_timeout=params.pop("max_num_timeout"))
+    executor = submitit.AutoExecutor(
+        folder=tmp_path, cluster="slurm", slurm_max_num_timeout=params.pop("max_num_timeout")
+    )
     base = set(OmegaConf.structured(BaseQueueConf).keys())
     params["name"] = "train"  # ${hydra.job.name}, set when a job runs
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
     script = executor._executor._make_submission_file_text("python train.py", "0")
-    for line in ("--partition=gpu", "--gpus-per-node=2", "--time=120", "--cpus-per-task=8", "--mem=16GB",
-                 "--ntasks-per-node=1", "--job-name=train"):
+    for line in (
+        "--partition=gpu",
+        "--gpus-per-node=2",
+        "--time=120",
+        "--cpus-per-task=8",
+        "--mem=16GB",
+        "--ntasks-per-node=1",
+        "--job-name=train",
+    ):
         assert f"#SBATCH {line}\n" in script, script
 
 
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_the_jobs(synthetic_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_train("-m", "hydra/launcher=submitit_local", "hydra.launcher.cpus_per_task=1",
-                       *smoke_overrides(synthetic_dir, "model=softmax"), "optimizer.lr=0.01,0.1",
-                       f"hydra.sweep.dir={sweep}", timeout=300)
+    result = run_train(
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.cpus_per_task=1",
+        *smoke_overrides(synthetic_dir, "model=softmax"),
+        "optimizer.lr=0.01,0.1",
+        f"hydra.sweep.dir={sweep}",
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "Submitit 'local' sweep output dir" in result.stdout + result.stderr
     assert [r["status"] for r in rows(sweep)] == ["ok", "ok"]
@@ -385,8 +469,9 @@ def test_a_search_key_the_model_lacks_is_left_out_with_one_line(caplog):
 
     from hydra_plugins.mnist_lab_plugins.optuna_sweeper import takes
 
-    config = OmegaConf.create({"model": {"width": 64}, "optimizer": {"lr": 0.1},
-                               "hydra": {"runtime": {"choices": {"model": "tiny"}}}})
+    config = OmegaConf.create(
+        {"model": {"width": 64}, "optimizer": {"lr": 0.1}, "hydra": {"runtime": {"choices": {"model": "tiny"}}}}
+    )
     assert takes(config, "optimizer.lr") and takes(config, "+model.extra")
     assert not takes(config, "model.dropout")
     assert caplog.messages == ["model.dropout is left out of this search: model=tiny takes no dropout"]

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from mnist_lab.callbacks import TrainingState
 from mnist_lab.checkpoint import read_checkpoint
 from mnist_lab.errors import InputError
-from mnist_lab.resume import check_resume_command, check_resumable, record_failed, resume_config, resumed_sweep_argv
+from mnist_lab.resume import check_resumable, check_resume_command, record_failed, resume_config, resumed_sweep_argv
 from mnist_lab.run_folder import foreign_file, resume_command
 from mnist_lab.trust import is_trusted, trusted_modules
 from tests.conftest import ROOT, run_train, smoke_overrides
@@ -101,10 +101,18 @@ def test_trust_follows_what_conf_names_when_asked(tmp_path):
         trusted_modules(conf)
 
 
-@pytest.mark.parametrize("target", [
-    "torch.load", "os.system", "mnist_lab.checkpoint.torch.load", "mnist_lab.models.base", "builtins.eval",
-    "torch.optim._functional", "pytorch_lightning.seed_everything",
-])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "torch.load",
+        "os.system",
+        "mnist_lab.checkpoint.torch.load",
+        "mnist_lab.models.base",
+        "builtins.eval",
+        "torch.optim._functional",
+        "pytorch_lightning.seed_everything",
+    ],
+)
 def test_code_outside_the_config_groups_is_not_trusted(target):
     assert not is_trusted(target)
 
@@ -153,7 +161,9 @@ def test_a_failure_that_is_not_the_runs_own_keeps_it_resumable(finished_run, tmp
     assert metrics["status"] == "failed" and metrics["resumable"] and metrics["resume"] == resume_command(folder)
     assert check_resumable(folder) == folder / "checkpoints" / "last.ckpt"
     assert not record_failed(folder, Diverged("training diverged: the loss is nan at step 3"))
-    with pytest.raises(InputError, match="cannot go on .*start over in a new folder with: python train.py data.data_dir="):
+    with pytest.raises(
+        InputError, match="cannot go on .*start over in a new folder with: python train.py data.data_dir="
+    ):
         check_resumable(folder)
 
 
@@ -185,17 +195,27 @@ def test_last_checkpoint_is_written_whole_or_not_at_all(tmp_path):
 def test_a_resume_on_a_full_disk_leaves_the_run_resumable(synthetic_dir, tmp_path):
     """kill -9 after the first epoch, resume once while the disk is full, then resume for real."""
     folder = tmp_path / "run"
-    first = run_train(*smoke_overrides(synthetic_dir, "model=lenet", "trainer.max_epochs=3"),
-                      f"+callbacks.kill._target_={KILLER}", f"hydra.run.dir={folder}",
-                      env={"MNIST_LAB_TEST_KILL_AT_EPOCH": "1"})
+    first = run_train(
+        *smoke_overrides(synthetic_dir, "model=lenet", "trainer.max_epochs=3"),
+        f"+callbacks.kill._target_={KILLER}",
+        f"hydra.run.dir={folder}",
+        env={"MNIST_LAB_TEST_KILL_AT_EPOCH": "1"},
+    )
     assert first.returncode == -9 and not (folder / "metrics.json").exists(), first.stderr
     before = (folder / "checkpoints" / "last.ckpt").read_bytes()
     trust = f"trusted_targets=[{KILLER}]"
     command = shlex.join([sys.executable, str(ROOT / "train.py"), f"resume={folder}", trust])
-    full = subprocess.run(["bash", "-c", f"trap '' XFSZ; ulimit -f 200; exec {command}"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=180)
+    full = subprocess.run(
+        ["bash", "-c", f"trap '' XFSZ; ulimit -f 200; exec {command}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     error = single_error(full)
-    assert "File too large" in error and f"The run can go on from its last checkpoint: {resume_command(folder)}" in error
+    assert (
+        "File too large" in error and f"The run can go on from its last checkpoint: {resume_command(folder)}" in error
+    )
     assert json.loads((folder / "metrics.json").read_text())["resumable"] is True
     assert (folder / "checkpoints" / "last.ckpt").read_bytes() == before
     resumed = run_train(f"resume={folder}", trust)
@@ -225,7 +245,10 @@ def test_a_folder_of_unrelated_files_is_refused_and_left_as_it_was(sweep, synthe
         (folder / name).write_text(f"the user's {name}")
     args = ["-m", f"hydra.sweep.dir={folder}"] if sweep else [f"hydra.run.dir={folder}"]
     error = single_error(run_train(*args, *smoke_overrides(synthetic_dir, "model=softmax")))
-    assert "curves.png, which mnist_lab did not write" in error and ("hydra.sweep.dir" if sweep else "hydra.run.dir") in error
+    assert (
+        "curves.png, which mnist_lab did not write" in error
+        and ("hydra.sweep.dir" if sweep else "hydra.run.dir") in error
+    )
     assert sorted(p.name for p in folder.iterdir()) == ["curves.png", "metrics.json", "summary.md"]
     assert all(p.read_text() == f"the user's {p.name}" for p in folder.iterdir())
 
@@ -244,9 +267,12 @@ def test_a_resumed_checkpoint_that_does_not_fit_the_model_is_refused(finished_ru
     assert torch.load(finished_run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] > 0
 
 
-@pytest.mark.parametrize("name", [".hydra/overrides.yaml", ".hydra/config.yaml", "metrics.json",
-                                  "checkpoints/last.ckpt"])
-@pytest.mark.parametrize("content", [b"", b"- data.data_dir=/tm\n- [", b"{{: [\x00\xff"], ids=["empty", "truncated", "malformed"])
+@pytest.mark.parametrize(
+    "name", [".hydra/overrides.yaml", ".hydra/config.yaml", "metrics.json", "checkpoints/last.ckpt"]
+)
+@pytest.mark.parametrize(
+    "content", [b"", b"- data.data_dir=/tm\n- [", b"{{: [\x00\xff"], ids=["empty", "truncated", "malformed"]
+)
 def test_a_damaged_run_folder_file_gets_one_line(name, content, finished_run, tmp_path):
     """Each file resume reads, empty, truncated or malformed: one line naming it, or (metrics.json,
     a checkpoint with an older one beside it) what the folder still says."""
@@ -263,13 +289,18 @@ def test_a_damaged_run_folder_file_gets_one_line(name, content, finished_run, tm
 
 @pytest.mark.slow
 def test_a_sweep_killed_halfway_goes_on_with_resume_and_reports_the_same_best_job(synthetic_dir, tmp_path):
-    args = ["-m", *smoke_overrides(synthetic_dir, "model=softmax"), "optimizer.lr=0.01,0.3,0.05",
-            f"+callbacks.kill._target_={KILLER}"]
+    args = [
+        "-m",
+        *smoke_overrides(synthetic_dir, "model=softmax"),
+        "optimizer.lr=0.01,0.3,0.05",
+        f"+callbacks.kill._target_={KILLER}",
+    ]
     reference = run_train(*args, f"hydra.sweep.dir={tmp_path / 'reference'}")
     assert reference.returncode == 0, reference.stderr
     sweep = tmp_path / "sweep"
-    killed = run_train(*args, f"hydra.sweep.dir={sweep}",
-                       env={"MNIST_LAB_TEST_KILL_AT_EPOCH": "1", "MNIST_LAB_TEST_KILL_JOB": "1"})
+    killed = run_train(
+        *args, f"hydra.sweep.dir={sweep}", env={"MNIST_LAB_TEST_KILL_AT_EPOCH": "1", "MNIST_LAB_TEST_KILL_JOB": "1"}
+    )
     assert killed.returncode == -9 and not (sweep / "2").exists()  # job 0 done, job 1 killed, job 2 not started
     done = (sweep / "0" / "metrics.json").read_bytes()
     # resume=<sweep folder> (or the same command again, as in tests/test_sweeps.py); the test's own
@@ -279,30 +310,41 @@ def test_a_sweep_killed_halfway_goes_on_with_resume_and_reports_the_same_best_jo
     assert "Job 0 finished in an earlier attempt at this sweep: kept" in resumed.stdout
     assert (sweep / "0" / "metrics.json").read_bytes() == done  # not run again
     table, expected = rows_of(sweep), rows_of(tmp_path / "reference")
-    assert [(r["status"], r["val/acc"], r["test/acc"], r["best"]) for r in table] == \
-        [(r["status"], r["val/acc"], r["test/acc"], r["best"]) for r in expected]
+    assert [(r["status"], r["val/acc"], r["test/acc"], r["best"]) for r in table] == [
+        (r["status"], r["val/acc"], r["test/acc"], r["best"]) for r in expected
+    ]
     assert json.loads((sweep / "1" / "metrics.json").read_text())["resumed_from_step"] > 0
 
 
-@pytest.mark.parametrize("edit, refused", [
-    (("task", "+callbacks.x._target_=os.system"), "names os.system as a _target_"),
-    (("task", "+callbacks={x: {_target_: builtins.eval}}"), "names builtins.eval as a _target_"),
-    (("hydra", "hydra.job_logging.root.level=DEBUG"), "sets hydra.job_logging.root.level"),
-    (("hydra", "hydra.sweeper.sampler._target_=os.system"), "names os.system as a _target_"),
-    (("hydra", "hydra.launcher.setup=[touch /tmp/x]"), "sets hydra.launcher.setup"),
-])
+@pytest.mark.parametrize(
+    "edit, refused",
+    [
+        (("task", "+callbacks.x._target_=os.system"), "names os.system as a _target_"),
+        (("task", "+callbacks={x: {_target_: builtins.eval}}"), "names builtins.eval as a _target_"),
+        (("hydra", "hydra.job_logging.root.level=DEBUG"), "sets hydra.job_logging.root.level"),
+        (("hydra", "hydra.sweeper.sampler._target_=os.system"), "names os.system as a _target_"),
+        (("hydra", "hydra.launcher.setup=[touch /tmp/x]"), "sets hydra.launcher.setup"),
+    ],
+)
 def test_a_sweep_folder_cannot_run_code_through_resume(edit, refused, tmp_path):
     import yaml
 
     sweep = tmp_path / "sweep"
     sweep.mkdir()
-    overrides = {"task": ["model=softmax", "optimizer.lr=0.01,0.1"],
-                 "hydra": ["hydra.mode=MULTIRUN", "hydra/launcher=gpus", "hydra.launcher.jobs_per_gpu=3"]}
+    overrides = {
+        "task": ["model=softmax", "optimizer.lr=0.01,0.1"],
+        "hydra": ["hydra.mode=MULTIRUN", "hydra/launcher=gpus", "hydra.launcher.jobs_per_gpu=3"],
+    }
     (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": overrides}}))
     assert resumed_sweep_argv(["-m", f"resume={sweep}", "rerun_failed=true"]) == [
-        "-m", "hydra/launcher=gpus", "hydra.launcher.jobs_per_gpu=3", "model=softmax", "optimizer.lr=0.01,0.1",
+        "-m",
+        "hydra/launcher=gpus",
+        "hydra.launcher.jobs_per_gpu=3",
+        "model=softmax",
+        "optimizer.lr=0.01,0.1",
         "rerun_failed=true",
-        f"hydra.sweep.dir={sweep}"]
+        f"hydra.sweep.dir={sweep}",
+    ]
     overrides[edit[0]].append(edit[1])
     (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": overrides}}))
     with pytest.raises(InputError, match=refused):

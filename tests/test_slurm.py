@@ -76,11 +76,23 @@ def slurm(tmp_path_factory) -> Iterator[dict[str, str]]:
     (folder / "slurm.conf").write_text(slurm_conf(folder))
     env = {**os.environ, "SLURM_CONF": str(folder / "slurm.conf")}
     subprocess.run(["mungekey", "--create", f"--keyfile={folder}/munge.key"], check=True)
-    daemons = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT) for command in (
-        ["munged", "--foreground", "--force", f"--key-file={folder}/munge.key", f"--socket={folder}/munge.sock",
-         f"--pid-file={folder}/munged.pid", f"--log-file={folder}/munged.log", f"--seed-file={folder}/munged.seed"],
-        ["slurmctld", "-D", "-i"], ["slurmd", "-D"],
-    )]
+    daemons = [
+        subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        for command in (
+            [
+                "munged",
+                "--foreground",
+                "--force",
+                f"--key-file={folder}/munge.key",
+                f"--socket={folder}/munge.sock",
+                f"--pid-file={folder}/munged.pid",
+                f"--log-file={folder}/munged.log",
+                f"--seed-file={folder}/munged.seed",
+            ],
+            ["slurmctld", "-D", "-i"],
+            ["slurmd", "-D"],
+        )
+    ]
     try:
         deadline, state = time.monotonic() + 60, ""
         while state not in ("idle", "mixed", "alloc"):
@@ -104,10 +116,19 @@ def slurm(tmp_path_factory) -> Iterator[dict[str, str]]:
 
 def slurm_sweep(synthetic_dir: Path, sweep: Path, lrs: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     """A sweep through hydra/launcher=slurm, sized for this one small node."""
-    return run_train("-m", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
-                     "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=10",
-                     *smoke_overrides(synthetic_dir, "model=softmax"), f"optimizer.lr={lrs}",
-                     f"hydra.sweep.dir={sweep}", env=env, timeout=300)
+    return run_train(
+        "-m",
+        "hydra/launcher=slurm",
+        "hydra.launcher.gpus_per_node=0",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.mem_gb=2",
+        "hydra.launcher.timeout_min=10",
+        *smoke_overrides(synthetic_dir, "model=softmax"),
+        f"optimizer.lr={lrs}",
+        f"hydra.sweep.dir={sweep}",
+        env=env,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow

@@ -23,17 +23,20 @@ def rows_of(sweep: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("x=tag(log, interval(0.003, 0.3))", "FloatDistribution(high=0.3, log=True, low=0.003, step=None)"),
-    ("x=interval(0.0, 0.5)", "FloatDistribution(high=0.5, log=False, low=0.0, step=None)"),
-    ("x=interval(1, 8)", "FloatDistribution(high=8.0, log=False, low=1.0, step=None)"),
-    ("x=int(interval(1, 8))", "IntDistribution(high=8, log=False, low=1, step=1)"),
-    ("x=tag(log, int(interval(1, 64)))", "IntDistribution(high=64, log=True, low=1, step=1)"),
-    ("x=range(1, 9, 2)", "IntDistribution(high=7, log=False, low=1, step=2)"),  # Hydra's range leaves out its end
-    ("x=range(0.1, 0.45, 0.1)", "FloatDistribution(high=0.4, log=False, low=0.1, step=0.1)"),
-    ("x=choice(32, 64, 128)", "CategoricalDistribution(choices=(32, 64, 128))"),
-    ("x=lenet,mlp", "CategoricalDistribution(choices=('lenet', 'mlp'))"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("x=tag(log, interval(0.003, 0.3))", "FloatDistribution(high=0.3, log=True, low=0.003, step=None)"),
+        ("x=interval(0.0, 0.5)", "FloatDistribution(high=0.5, log=False, low=0.0, step=None)"),
+        ("x=interval(1, 8)", "FloatDistribution(high=8.0, log=False, low=1.0, step=None)"),
+        ("x=int(interval(1, 8))", "IntDistribution(high=8, log=False, low=1, step=1)"),
+        ("x=tag(log, int(interval(1, 64)))", "IntDistribution(high=64, log=True, low=1, step=1)"),
+        ("x=range(1, 9, 2)", "IntDistribution(high=7, log=False, low=1, step=2)"),  # Hydra's range leaves out its end
+        ("x=range(0.1, 0.45, 0.1)", "FloatDistribution(high=0.4, log=False, low=0.1, step=0.1)"),
+        ("x=choice(32, 64, 128)", "CategoricalDistribution(choices=(32, 64, 128))"),
+        ("x=lenet,mlp", "CategoricalDistribution(choices=('lenet', 'mlp'))"),
+    ],
+)
 def test_the_search_space_reads_hydras_sweep_grammar(override, expected):
     from hydra_plugins.mnist_lab_plugins.optuna_sweeper import search_space
 
@@ -65,9 +68,15 @@ def test_optuna_prunes_and_a_killed_search_continues_its_study(synthetic_dir, tm
     import optuna
 
     sweep = tmp_path / "sweep"
-    args = ["-m", "sweep=optuna", "hydra.sweeper.n_trials=6", "hydra.sweeper.pruner.n_startup_trials=2",
-            *smoke_overrides(synthetic_dir, "model=mlp", "trainer.max_epochs=3"), f"+callbacks.kill._target_={KILLER}",
-            f"hydra.sweep.dir={sweep}"]
+    args = [
+        "-m",
+        "sweep=optuna",
+        "hydra.sweeper.n_trials=6",
+        "hydra.sweeper.pruner.n_startup_trials=2",
+        *smoke_overrides(synthetic_dir, "model=mlp", "trainer.max_epochs=3"),
+        f"+callbacks.kill._target_={KILLER}",
+        f"hydra.sweep.dir={sweep}",
+    ]
     killed = run_train(*args, env={"MNIST_LAB_TEST_KILL_AT_EPOCH": "1", "MNIST_LAB_TEST_KILL_JOB": "3"}, timeout=300)
     assert killed.returncode == -9
     storage = f"sqlite:///{sweep / 'optuna.db'}"
@@ -83,7 +92,8 @@ def test_optuna_prunes_and_a_killed_search_continues_its_study(synthetic_dir, tm
     assert {n: (sweep / str(n) / "metrics.json").read_bytes() for n in range(3)} == done  # kept, not run again
     trial_3 = json.loads((sweep / "3" / "metrics.json").read_text())
     assert trial_3["resumed_from_step"] > 0 and study.trials[3].params == {
-        k: pytest.approx(float(v)) for k, v in rows_of(sweep)[3].items() if k in study.trials[3].params}
+        k: pytest.approx(float(v)) for k, v in rows_of(sweep)[3].items() if k in study.trials[3].params
+    }
 
     table = rows_of(sweep)
     for trial, row in zip(study.trials, table, strict=True):
@@ -109,8 +119,14 @@ def test_a_failed_trial_is_tried_again_only_when_asked(synthetic_dir, tmp_path):
     import optuna
 
     sweep = tmp_path / "sweep"
-    args = ["-m", "sweep=optuna", "hydra.sweeper.n_trials=1", *smoke_overrides(synthetic_dir, "model=mlp"),
-            "optimizer.lr=choice(-1.0)", f"hydra.sweep.dir={sweep}"]
+    args = [
+        "-m",
+        "sweep=optuna",
+        "hydra.sweeper.n_trials=1",
+        *smoke_overrides(synthetic_dir, "model=mlp"),
+        "optimizer.lr=choice(-1.0)",
+        f"hydra.sweep.dir={sweep}",
+    ]
     for extra in ([], [], ["rerun_failed=true"]):
         result = run_train(*args, *extra)
         assert result.returncode == 1 and "job(s) failed" in result.stderr, result.stderr
@@ -121,12 +137,15 @@ def test_a_failed_trial_is_tried_again_only_when_asked(synthetic_dir, tmp_path):
     assert [r["status"] for r in rows_of(sweep)] == ["failed", "failed"]
 
 
-@pytest.mark.parametrize("visible, gpus, expected", [
-    (None, [0, 1, 2, 3], ["0", "1", "2", "3"]),
-    ("4,5,6,7", [0, 2], ["4", "6"]),
-    ("GPU-a1,GPU-b2", [1], ["GPU-b2"]),
-    (None, [], []),
-])
+@pytest.mark.parametrize(
+    "visible, gpus, expected",
+    [
+        (None, [0, 1, 2, 3], ["0", "1", "2", "3"]),
+        ("4,5,6,7", [0, 2], ["4", "6"]),
+        ("GPU-a1,GPU-b2", [1], ["GPU-b2"]),
+        (None, [], []),
+    ],
+)
 def test_each_worker_gets_the_gpu_it_is_pinned_to(visible, gpus, expected, monkeypatch):
     from hydra_plugins.mnist_lab_plugins.gpu_launcher import visible_gpus
 
@@ -137,9 +156,14 @@ def test_each_worker_gets_the_gpu_it_is_pinned_to(visible, gpus, expected, monke
     assert visible_gpus(gpus) == expected
 
 
-@pytest.mark.parametrize("gpus, message", [
-    ([4], r"leaves 4 GPU\(s\) visible"), ("0,1", "a list of GPU indices"), ([-1], "a list of GPU indices"),
-])
+@pytest.mark.parametrize(
+    "gpus, message",
+    [
+        ([4], r"leaves 4 GPU\(s\) visible"),
+        ("0,1", "a list of GPU indices"),
+        ([-1], "a list of GPU indices"),
+    ],
+)
 def test_gpus_out_of_reach_are_refused(gpus, message, monkeypatch):
     from hydra_plugins.mnist_lab_plugins.gpu_launcher import visible_gpus
     from mnist_lab.errors import InputError
@@ -155,22 +179,37 @@ def test_jobs_run_at_once_each_on_its_own_gpu_with_the_results_of_one_at_a_time(
     meet = tmp_path / "meet"
     meet.mkdir()
     # 4 pretend GPUs, one job on each: the 4 jobs must meet at their first epoch to go on.
-    together = run_train(*args, "hydra/launcher=gpus", "hydra.launcher.gpus=[0,1,2,3]", "hydra.launcher.jobs_per_gpu=1",
-                         f"+callbacks.meet._target_={MEET}", f"hydra.sweep.dir={tmp_path / 'together'}",
-                         env={"MNIST_LAB_TEST_MEET_DIR": str(meet), "MNIST_LAB_TEST_MEET": "4"}, timeout=300)
+    together = run_train(
+        *args,
+        "hydra/launcher=gpus",
+        "hydra.launcher.gpus=[0,1,2,3]",
+        "hydra.launcher.jobs_per_gpu=1",
+        f"+callbacks.meet._target_={MEET}",
+        f"hydra.sweep.dir={tmp_path / 'together'}",
+        env={"MNIST_LAB_TEST_MEET_DIR": str(meet), "MNIST_LAB_TEST_MEET": "4"},
+        timeout=300,
+    )
     assert together.returncode == 0, together.stderr
-    seen = {(tmp_path / "together" / str(n) / "train.log").read_text().split("sees GPU ")[1].split()[0]
-            for n in range(4)}
+    seen = {
+        (tmp_path / "together" / str(n) / "train.log").read_text().split("sees GPU ")[1].split()[0] for n in range(4)
+    }
     assert seen == {"0", "1", "2", "3"}
     # Two at once on the CPU: the same results, report and folders as one after the other.
-    cpu = run_train(*args, "hydra/launcher=gpus", "hydra.launcher.gpus=[]", "hydra.launcher.jobs_per_gpu=2",
-                    f"hydra.sweep.dir={tmp_path / 'cpu'}", timeout=300)
+    cpu = run_train(
+        *args,
+        "hydra/launcher=gpus",
+        "hydra.launcher.gpus=[]",
+        "hydra.launcher.jobs_per_gpu=2",
+        f"hydra.sweep.dir={tmp_path / 'cpu'}",
+        timeout=300,
+    )
     assert cpu.returncode == 0, cpu.stderr
     one_at_a_time = run_train(*args, f"hydra.sweep.dir={tmp_path / 'sequential'}", timeout=300)
     assert one_at_a_time.returncode == 0, one_at_a_time.stderr
     for sweep in ("together", "cpu"):
-        assert [(r["job"], r["optimizer.lr"], r["status"], r["best"]) for r in rows_of(tmp_path / sweep)] == \
-            [(r["job"], r["optimizer.lr"], r["status"], r["best"]) for r in rows_of(tmp_path / "sequential")]
+        assert [(r["job"], r["optimizer.lr"], r["status"], r["best"]) for r in rows_of(tmp_path / sweep)] == [
+            (r["job"], r["optimizer.lr"], r["status"], r["best"]) for r in rows_of(tmp_path / "sequential")
+        ]
         for r, s in zip(rows_of(tmp_path / sweep), rows_of(tmp_path / "sequential"), strict=True):
             assert float(r["val/acc"]) == pytest.approx(float(s["val/acc"]), abs=0.011)  # threads may differ
         assert sorted(p.name for p in (tmp_path / sweep).iterdir() if p.is_dir()) == ["0", "1", "2", "3"]
@@ -179,19 +218,29 @@ def test_jobs_run_at_once_each_on_its_own_gpu_with_the_results_of_one_at_a_time(
 @pytest.mark.slow
 def test_ctrl_c_stops_the_jobs_at_once_with_checkpoints_and_resume_finishes_the_sweep(synthetic_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    args = [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=gpus", "hydra.launcher.gpus=[]",
-            "hydra.launcher.jobs_per_gpu=2", *smoke_overrides(synthetic_dir, "model=softmax", "trainer.max_epochs=40"),
-            "optimizer.lr=0.05,0.1,0.2", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    args = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        "hydra/launcher=gpus",
+        "hydra.launcher.gpus=[]",
+        "hydra.launcher.jobs_per_gpu=2",
+        *smoke_overrides(synthetic_dir, "model=softmax", "trainer.max_epochs=40"),
+        "optimizer.lr=0.05,0.1,0.2",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     for job in ("0", "1"):
         wait_for(sweep / job / "checkpoints" / "last.ckpt", proc)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole foreground group
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
     assert stderr.count(f"Resume the sweep with:\n  python train.py resume={sweep}\n") == 2
-    assert [json.loads((sweep / job / "metrics.json").read_text())["status"] for job in ("0", "1")] == \
-        ["interrupted"] * 2 and not (sweep / "2").exists()
+    assert [json.loads((sweep / job / "metrics.json").read_text())["status"] for job in ("0", "1")] == [
+        "interrupted"
+    ] * 2 and not (sweep / "2").exists()
 
     resumed = run_train(f"resume={sweep}", timeout=300)
     assert resumed.returncode == 0, resumed.stderr
@@ -201,6 +250,14 @@ def test_ctrl_c_stops_the_jobs_at_once_with_checkpoints_and_resume_finishes_the_
 
 @pytest.mark.parametrize("setting", ["hydra.launcher.jobs_per_gpu=0", "hydra.launcher.gpus=[7]"])
 def test_a_bad_launcher_setting_is_refused_in_one_line_before_any_job(setting, synthetic_dir, tmp_path):
-    error = single_error(run_train("-m", *smoke_overrides(synthetic_dir), "hydra/launcher=gpus", setting,
-                                   f"hydra.sweep.dir={tmp_path / 's'}", env={"CUDA_VISIBLE_DEVICES": "0,1"}))
+    error = single_error(
+        run_train(
+            "-m",
+            *smoke_overrides(synthetic_dir),
+            "hydra/launcher=gpus",
+            setting,
+            f"hydra.sweep.dir={tmp_path / 's'}",
+            env={"CUDA_VISIBLE_DEVICES": "0,1"},
+        )
+    )
     assert setting.split("=")[0] in error and not (tmp_path / "s" / "0").exists()

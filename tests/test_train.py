@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import get_class
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
-
-from hydra.utils import get_class
 
 from mnist_lab.errors import InputError
 from mnist_lab.recipe import run
@@ -53,7 +52,9 @@ def test_smoke_run_writes_metrics_checkpoints_and_events(name, smoke_runs):
     assert 0 <= saved["val/acc"] <= 1 and 0 <= saved["test/acc"] <= 1
     # the best checkpoint and last.ckpt, nothing else (no last-v1.ckpt)
     assert {p.relative_to(out_dir) for p in (out_dir / "checkpoints").iterdir()} == {
-        Path(saved["best_checkpoint"]), Path("checkpoints/last.ckpt")}
+        Path(saved["best_checkpoint"]),
+        Path("checkpoints/last.ckpt"),
+    }
     assert list(out_dir.glob("events.out.tfevents.*"))
     assert (out_dir / "curves.png").stat().st_size > 1000
 
@@ -63,7 +64,16 @@ def test_event_files_hold_the_scalars_and_hparams_with_metrics(name, smoke_runs)
     out_dir, metrics = smoke_runs[name]
     accumulator = events(out_dir)
     tags = set(accumulator.Tags()["scalars"])
-    assert {"train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/loss", "test/acc", "train/lr"} <= tags
+    assert {
+        "train/loss",
+        "train/acc",
+        "val/loss",
+        "val/acc",
+        "val/acc_best",
+        "test/loss",
+        "test/acc",
+        "train/lr",
+    } <= tags
     assert accumulator.Scalars("test/acc")[-1].value == pytest.approx(metrics["test/acc"])
     assert accumulator.Scalars("val/acc_best")[-1].value == pytest.approx(metrics["val/acc"])
     assert len(accumulator.Scalars("train/loss")) == 6  # 3 steps x 2 epochs, log_every_n_steps=1
@@ -74,10 +84,22 @@ def test_event_files_hold_the_scalars_and_hparams_with_metrics(name, smoke_runs)
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     assert {"val/acc", "test/acc", "test/loss"} <= {m.name.tag for m in experiment.metric_infos}
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
-    assert set(session.hparams) == {"model", "optimizer", "scheduler", "loss", "augment", "optimizer.lr", "data.dataset",
-                                    "data.batch_size", "seed", "trainer.max_epochs"}
+    assert set(session.hparams) == {
+        "model",
+        "optimizer",
+        "scheduler",
+        "loss",
+        "augment",
+        "optimizer.lr",
+        "data.dataset",
+        "data.batch_size",
+        "seed",
+        "trainer.max_epochs",
+    }
     assert session.hparams["model"].string_value == MODELS[name].__name__
-    assert session.hparams["augment"].string_value == ("RandomAffine" if name == "cnn" else "none")  # conf/model/cnn.yaml
+    assert session.hparams["augment"].string_value == (
+        "RandomAffine" if name == "cnn" else "none"
+    )  # conf/model/cnn.yaml
     assert session.hparams["optimizer.lr"].number_value == 0.05
     assert session.hparams["data.batch_size"].number_value == 32
 
@@ -117,7 +139,7 @@ def test_each_epoch_logs_a_line_of_what_was_logged(logged_run):
     train_loss = [s.value for s in accumulator.Scalars("train/loss")]  # every step: log_every_n_steps=1
     for epoch, line in enumerate(lines):
         numbers = dict(re.findall(r"(train/loss|val/loss|val/acc) ([\d.]+)", line))
-        assert float(numbers["train/loss"]) == pytest.approx(sum(train_loss[3 * epoch: 3 * epoch + 3]) / 3, abs=1e-4)
+        assert float(numbers["train/loss"]) == pytest.approx(sum(train_loss[3 * epoch : 3 * epoch + 3]) / 3, abs=1e-4)
         assert numbers["val/acc"] == f"{100 * accumulator.Scalars('val/acc')[epoch].value:.2f}"
         assert float(numbers["val/loss"]) == pytest.approx(accumulator.Scalars("val/loss")[epoch].value, abs=1e-4)
         # EpochTimer's seconds, as metrics.json has them (rounded to the millisecond there)
@@ -151,25 +173,49 @@ def test_one_epoch_is_one_epoch(synthetic_dir, make_cfg, tmp_path, caplog):
 def test_hparams_have_the_same_keys_across_a_sweep(make_cfg):
     from mnist_lab.hparams import hparams_of
 
-    sweep = [["model=lenet", "optimizer=sgd", "model.dropout=0.1"], ["model=mlp", "optimizer=adam", "model.dropout=0.3"]]
+    sweep = [
+        ["model=lenet", "optimizer=sgd", "model.dropout=0.1"],
+        ["model=mlp", "optimizer=adam", "model.dropout=0.3"],
+    ]
     params = [hparams_of(make_cfg(*overrides), overrides) for overrides in sweep]
     assert params[0].keys() == params[1].keys()
     assert (params[0]["model"], params[0]["optimizer"], params[0]["model.dropout"]) == ("LeNet", "SGD", 0.1)
     assert (params[1]["model"], params[1]["optimizer"], params[1]["model.dropout"]) == ("MLP", "Adam", 0.3)
 
 
-FIXED = {"model", "optimizer", "scheduler", "loss", "augment", "optimizer.lr", "data.dataset", "data.batch_size", "seed",
-         "trainer.max_epochs"}
+FIXED = {
+    "model",
+    "optimizer",
+    "scheduler",
+    "loss",
+    "augment",
+    "optimizer.lr",
+    "data.dataset",
+    "data.batch_size",
+    "seed",
+    "trainer.max_epochs",
+}
 
 
 def test_bookkeeping_overrides_stay_out_of_hparams(synthetic_dir, make_cfg):
     from mnist_lab.hparams import hparams_of
 
-    overrides = smoke_overrides(synthetic_dir, "model.dropout=0.2", "callbacks.test_figures.samples=8", "logger=csv",
-                                "compile=false", "trusted_targets=[]")
+    overrides = smoke_overrides(
+        synthetic_dir,
+        "model.dropout=0.2",
+        "callbacks.test_figures.samples=8",
+        "logger=csv",
+        "compile=false",
+        "trusted_targets=[]",
+    )
     params = hparams_of(make_cfg(*overrides), [*overrides, "hydra.run.dir=/tmp/run", "resume=/tmp/run"])
     # data.download, data.data_dir, data.verify_checksums, trainer.log_every_n_steps, the progress bar... are out
-    assert set(params) == FIXED | {"model.dropout", "data.val_size", "data.eval_batch_size", "trainer.limit_train_batches"}
+    assert set(params) == FIXED | {
+        "model.dropout",
+        "data.val_size",
+        "data.eval_batch_size",
+        "trainer.limit_train_batches",
+    }
     assert (params["model.dropout"], params["trainer.limit_train_batches"]) == (0.2, 3)
     swept = hparams_of(make_cfg("data.num_workers=0"), ["data.num_workers=0"], swept=["data.num_workers"])
     assert swept["data.num_workers"] == 0  # a swept key always joins: it names the run
@@ -181,11 +227,17 @@ def tensorboard_ticks(run_dir: Path) -> list[str]:
     return shown_by_tensorboard(plugin_data_pb2.HParamsPluginData.FromString(content).experiment)
 
 
-@pytest.mark.parametrize("swept, shown", [
-    ((), ["data.batch_size", "loss", "model", "optimizer", "optimizer.lr"]),
-    (("optimizer.lr", "data.split_seed"), ["data.batch_size", "data.split_seed", "model", "optimizer", "optimizer.lr"]),
-    (("model",), ["data.batch_size", "loss", "model", "optimizer", "optimizer.lr"]),
-])
+@pytest.mark.parametrize(
+    "swept, shown",
+    [
+        ((), ["data.batch_size", "loss", "model", "optimizer", "optimizer.lr"]),
+        (
+            ("optimizer.lr", "data.split_seed"),
+            ["data.batch_size", "data.split_seed", "model", "optimizer", "optimizer.lr"],
+        ),
+        (("model",), ["data.batch_size", "loss", "model", "optimizer", "optimizer.lr"]),
+    ],
+)
 def test_hparams_ticks_the_swept_keys_then_the_compared_ones(swept, shown, make_cfg, tmp_path):
     from mnist_lab.hparams import hparams_of, log_hparams
     from mnist_lab.loggers import TensorBoard
@@ -210,7 +262,11 @@ def test_best_checkpoint_loads_safely(name, smoke_runs):
 def test_same_seed_gives_identical_runs(synthetic_dir, make_cfg, tmp_path):
     cfg = make_cfg(*smoke_overrides(synthetic_dir, "model=mlp"))
     first, second = run(cfg, tmp_path / "a"), run(cfg, tmp_path / "b")
-    assert (first["val/acc"], first["test/acc"], first["test/loss"]) == (second["val/acc"], second["test/acc"], second["test/loss"])
+    assert (first["val/acc"], first["test/acc"], first["test/loss"]) == (
+        second["val/acc"],
+        second["test/acc"],
+        second["test/loss"],
+    )
     weights = [torch.load(tmp_path / d / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for d in "ab"]
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key
@@ -220,7 +276,9 @@ def test_every_optimizer_and_scheduler_trains(synthetic_dir, make_cfg, tmp_path)
     combos = [(opt, "onecycle") for opt in ("sgd", "adam", "adamw", "adadelta", "rmsprop")]
     combos += [("sgd", sched) for sched in ("none", "cosine", "step")]
     for optimizer, scheduler in combos:
-        cfg = make_cfg(*smoke_overrides(synthetic_dir, "model=softmax", f"optimizer={optimizer}", f"scheduler={scheduler}"))
+        cfg = make_cfg(
+            *smoke_overrides(synthetic_dir, "model=softmax", f"optimizer={optimizer}", f"scheduler={scheduler}")
+        )
         out_dir = tmp_path / f"{optimizer}-{scheduler}"
         run(cfg, out_dir)
         lrs = [s.value for s in events(out_dir).Scalars("train/lr")]
@@ -279,9 +337,13 @@ def bad_input_results(synthetic_dir, tmp_path_factory) -> dict[str, tuple[Path, 
     """Each BAD_INPUT override given to train.py, in a process of its own; all started at once."""
     root = tmp_path_factory.mktemp("bad_input")
     run_dirs = {override: root / str(i) / "run" for i, (override, _) in enumerate(BAD_INPUT)}
-    results = run_train_together([[*smoke_overrides(synthetic_dir), f"hydra.run.dir={run_dir}", override]
-                                  for override, run_dir in run_dirs.items()])
-    return {override: (run_dir, result) for (override, run_dir), result in zip(run_dirs.items(), results)}
+    results = run_train_together(
+        [
+            [*smoke_overrides(synthetic_dir), f"hydra.run.dir={run_dir}", override]
+            for override, run_dir in run_dirs.items()
+        ]
+    )
+    return {override: (run_dir, result) for (override, run_dir), result in zip(run_dirs.items(), results, strict=True)}
 
 
 @pytest.mark.slow
@@ -315,8 +377,14 @@ def test_runs_started_together_get_their_own_folders(synthetic_dir, tmp_path):
 
 @pytest.mark.slow
 def test_lenet_reaches_98_percent_in_one_epoch_on_real_mnist(real_data_dir, make_cfg, tmp_path):
-    cfg = make_cfg(f"data.data_dir={real_data_dir}", "data.download=false", "trainer=cpu", "trainer.max_epochs=1",
-                   "callbacks.progress_bar=null", "+trainer.enable_progress_bar=false")
+    cfg = make_cfg(
+        f"data.data_dir={real_data_dir}",
+        "data.download=false",
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        "callbacks.progress_bar=null",
+        "+trainer.enable_progress_bar=false",
+    )
     metrics = run(cfg, tmp_path)
     assert metrics["test/acc"] >= 0.98
 

@@ -39,8 +39,9 @@ class GpuLauncher(Launcher):
     def __init__(self, jobs_per_gpu: int, gpus: Sequence[int] | str = "auto") -> None:
         with one_line_errors():  # before any job; Hydra would wrap an exception in two paragraphs
             if not is_whole(jobs_per_gpu) or jobs_per_gpu < 1:
-                raise InputError(f"hydra.launcher.jobs_per_gpu={jobs_per_gpu}: jobs at once on each GPU must be a "
-                                 "whole number >= 1")
+                raise InputError(
+                    f"hydra.launcher.jobs_per_gpu={jobs_per_gpu}: jobs at once on each GPU must be a whole number >= 1"
+                )
             self.devices = visible_gpus(gpus)
         self.jobs_per_gpu = jobs_per_gpu
 
@@ -55,8 +56,11 @@ class GpuLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         Path(self.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
-        where = f"{self.jobs_per_gpu} at once on each of GPUs {','.join(self.devices)}" if self.devices else \
-            f"{self.jobs_per_gpu} at once on the CPU"
+        where = (
+            f"{self.jobs_per_gpu} at once on each of GPUs {','.join(self.devices)}"
+            if self.devices
+            else f"{self.jobs_per_gpu} at once on the CPU"
+        )
         log.info("Launching %d jobs, %s, in %s", len(job_overrides), where, self.config.hydra.sweep.dir)
         state = Singleton.get_state()
 
@@ -67,19 +71,25 @@ class GpuLauncher(Launcher):
             try:
                 if stopped.is_set():  # stopped while this job waited for a free worker: it does not start
                     raise KeyboardInterrupt
-                log.info("\t#%d : %s%s", num, " ".join(filter_overrides(overrides)),
-                         f" (GPU {worker.gpu})" if worker.gpu is not None else "")
-                return worker.run(run_sweep_job, num, overrides, self.hydra_context, self.config, self.task_function,
-                                  state)
+                log.info(
+                    "\t#%d : %s%s",
+                    num,
+                    " ".join(filter_overrides(overrides)),
+                    f" (GPU {worker.gpu})" if worker.gpu is not None else "",
+                )
+                return worker.run(
+                    run_sweep_job, num, overrides, self.hydra_context, self.config, self.task_function, state
+                )
             except SystemExit:  # the job was stopped by a signal; this process may not have seen it (only
-                stopped.set()   # the main thread acts on signals, and the kernel may hand it to another)
+                stopped.set()  # the main thread acts on signals, and the kernel may hand it to another)
                 raise
             finally:
                 self.workers.put(worker)
 
         threads = ThreadPoolExecutor(self.slots)
-        futures = [threads.submit(run, num, overrides)
-                   for num, overrides in enumerate(job_overrides, start=initial_job_idx)]
+        futures = [
+            threads.submit(run, num, overrides) for num, overrides in enumerate(job_overrides, start=initial_job_idx)
+        ]
         try:
             return [future.result() for future in futures]
         except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or a job stopped by a signal (SIGTERM: 143)
@@ -89,8 +99,14 @@ class GpuLauncher(Launcher):
             threads.shutdown(wait=True, cancel_futures=True)
 
 
-def run_sweep_job(num: int, overrides: Sequence[str], hydra_context: HydraContext, config: DictConfig,
-                  task_function: TaskFunction, singleton_state: dict[Any, Any]) -> JobReturn:
+def run_sweep_job(
+    num: int,
+    overrides: Sequence[str],
+    hydra_context: HydraContext,
+    config: DictConfig,
+    task_function: TaskFunction,
+    singleton_state: dict[Any, Any],
+) -> JobReturn:
     """Job `num` of the sweep, in a worker process, through Hydra's plugin API as Hydra's joblib and
     submitit launchers run theirs: the launching process's Hydra state, the job's config, run_job."""
     setup_globals()
@@ -100,8 +116,13 @@ def run_sweep_job(num: int, overrides: Sequence[str], hydra_context: HydraContex
         sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{num}"
         sweep_config.hydra.job.num = num
     HydraConfig.instance().set_config(sweep_config)
-    return run_job(hydra_context=hydra_context, config=sweep_config, task_function=task_function,
-                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+    return run_job(
+        hydra_context=hydra_context,
+        config=sweep_config,
+        task_function=task_function,
+        job_dir_key="hydra.sweep.dir",
+        job_subdir_key="hydra.sweep.subdir",
+    )
 
 
 def visible_gpus(gpus: Sequence[int] | str) -> list[str]:
@@ -112,12 +133,14 @@ def visible_gpus(gpus: Sequence[int] | str) -> list[str]:
     if gpus == "auto":
         import torch  # CUDA that counting may start here is never inherited: workers are spawned
 
-        return (names or [str(i) for i in range(torch.cuda.device_count())])[:torch.cuda.device_count()]
+        return (names or [str(i) for i in range(torch.cuda.device_count())])[: torch.cuda.device_count()]
     if isinstance(gpus, str) or not all(is_whole(i) and i >= 0 for i in gpus):
         raise InputError(f"hydra.launcher.gpus={gpus}: give auto, or a list of GPU indices such as [0,1]")
     if names is not None and any(i >= len(names) for i in gpus):
-        raise InputError(f"hydra.launcher.gpus={list(gpus)}: CUDA_VISIBLE_DEVICES={visible} leaves "
-                         f"{len(names)} GPU(s) visible: give indices below {len(names)}")
+        raise InputError(
+            f"hydra.launcher.gpus={list(gpus)}: CUDA_VISIBLE_DEVICES={visible} leaves "
+            f"{len(names)} GPU(s) visible: give indices below {len(names)}"
+        )
     return [names[i] if names is not None else str(i) for i in gpus]
 
 
@@ -129,7 +152,9 @@ class Worker:
         self._pool = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=_pin, initargs=(self.gpu, self.threads))
+        return ProcessPoolExecutor(
+            1, mp_context=get_context("spawn"), initializer=_pin, initargs=(self.gpu, self.threads)
+        )
 
     def run(self, fn: Any, num: int, *args: Any) -> JobReturn:
         try:
@@ -137,10 +162,16 @@ class Worker:
         except BrokenProcessPool:  # killed (out of memory?): this job is lost, the next gets a new process
             self._pool.shutdown(wait=False)
             self._pool = self._start()
-            log.error("Error: job %d's process died before it returned; run the same command again to go on from "
-                      "its last checkpoint", num)
-            return JobReturn(overrides=list(args[0]), status=JobStatus.FAILED,
-                             _return_value=RuntimeError(f"job {num}'s process died"))
+            log.error(
+                "Error: job %d's process died before it returned; run the same command again to go on from "
+                "its last checkpoint",
+                num,
+            )
+            return JobReturn(
+                overrides=list(args[0]),
+                status=JobStatus.FAILED,
+                _return_value=RuntimeError(f"job {num}'s process died"),
+            )
 
 
 def _pin(gpu: str | None, threads: int) -> None:

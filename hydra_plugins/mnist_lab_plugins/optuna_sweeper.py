@@ -37,16 +37,32 @@ _ABSENT = object()
 
 
 class OptunaSweeper(Sweeper):
-    def __init__(self, sampler: DictConfig, pruner: DictConfig, direction: str, storage: str | None, study_name: str,
-                 n_trials: int, n_jobs: int, max_failure_rate: float, params: DictConfig | None = None) -> None:
+    def __init__(
+        self,
+        sampler: DictConfig,
+        pruner: DictConfig,
+        direction: str,
+        storage: str | None,
+        study_name: str,
+        n_trials: int,
+        n_jobs: int,
+        max_failure_rate: float,
+        params: DictConfig | None = None,
+    ) -> None:
         self.sampler, self.pruner, self.direction, self.storage = sampler, pruner, direction, storage
-        self.study_name, self.n_trials, self.n_jobs, self.max_failure_rate = study_name, n_trials, n_jobs, max_failure_rate
+        self.study_name, self.n_trials, self.n_jobs, self.max_failure_rate = (
+            study_name,
+            n_trials,
+            n_jobs,
+            max_failure_rate,
+        )
         self.params = {str(k): str(v) for k, v in (params or {}).items()}
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
         self.launcher = Plugins.instance().instantiate_launcher(
-            hydra_context=hydra_context, task_function=task_function, config=config)
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
 
     def sweep(self, arguments: list[str]) -> None:
         space, fixed = search_space([f"{k}={v}" for k, v in self.params.items()] + list(arguments))
@@ -55,12 +71,19 @@ class OptunaSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # as Hydra's sweeper: the same command goes on
         storage = study_storage(self.storage, sweep_dir)
-        study = optuna.create_study(study_name=self.study_name, storage=storage, direction=self.direction,
-                                    pruner=instantiate(self.pruner), load_if_exists=True)
+        study = optuna.create_study(
+            study_name=self.study_name,
+            storage=storage,
+            direction=self.direction,
+            pruner=instantiate(self.pruner),
+            load_if_exists=True,
+        )
         log.info("Optuna study %s in %s: %d trial(s) there already", self.study_name, storage, len(study.trials))
         # A seeded sampler drawing again from its first number would repeat the earlier trials' values.
-        study.sampler = instantiate(self.sampler, **({"seed": self.sampler.seed + len(study.trials)}
-                                                     if self.sampler.get("seed") is not None else {}))
+        study.sampler = instantiate(
+            self.sampler,
+            **({"seed": self.sampler.seed + len(study.trials)} if self.sampler.get("seed") is not None else {}),
+        )
         # The same sweep again: its trials left running go on (not another process's, in a storage of
         # one's own), failed ones run again only when asked.
         unfinished = [t for t in study.trials if t.state == TrialState.RUNNING and (sweep_dir / str(t.number)).is_dir()]
@@ -72,23 +95,29 @@ class OptunaSweeper(Sweeper):
         failures = finished = 0
         while unfinished or to_go > 0:
             if unfinished:
-                batch, unfinished = unfinished[:self.n_jobs], unfinished[self.n_jobs:]
+                batch, unfinished = unfinished[: self.n_jobs], unfinished[self.n_jobs :]
             else:
                 batch = [study.ask(space) for _ in range(min(self.n_jobs, to_go))]
                 to_go -= len(batch)
-            for trial, ret in zip(batch, self._launch(batch, fixed)):
+            for trial, ret in zip(batch, self._launch(batch, fixed), strict=True):
                 failures += not tell(study, trial.number, ret)
                 finished += 1
             if failures / finished > self.max_failure_rate:  # the report and the exit status follow
-                log.error("Error: %d of %d trials failed, more than hydra.sweeper.max_failure_rate=%s: the search "
-                          "stops here", failures, finished, self.max_failure_rate)
+                log.error(
+                    "Error: %d of %d trials failed, more than hydra.sweeper.max_failure_rate=%s: the search stops here",
+                    failures,
+                    finished,
+                    self.max_failure_rate,
+                )
                 break
         completed = [t for t in study.trials if t.state == TrialState.COMPLETE]
         if completed:
             best = study.best_trial
             log.info("Best trial %d: val/acc %.4f with %s", best.number, best.value, best.params)
-            OmegaConf.save(OmegaConf.create({"name": "optuna", "best_params": best.params, "best_value": best.value}),
-                           sweep_dir / "optimization_results.yaml")
+            OmegaConf.save(
+                OmegaConf.create({"name": "optuna", "best_params": best.params, "best_value": best.value}),
+                sweep_dir / "optimization_results.yaml",
+            )
 
     def _launch(self, trials: list[Any], fixed: list[str]) -> list[JobReturn]:
         """Each trial as the job of its own number, so that its folder is <sweep folder>/<number>; one

@@ -59,8 +59,14 @@ class ImageClassifier(pl.LightningModule):
 
     net: nn.Module
 
-    def __init__(self, *, optimizer: dict | None = None, scheduler: dict | None = None, num_classes: int = 10,
-                 loss: dict | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        optimizer: dict | None = None,
+        scheduler: dict | None = None,
+        num_classes: int = 10,
+        loss: dict | None = None,
+    ) -> None:
         super().__init__()
         lr = (optimizer or {}).get("lr", 1)
         if not is_number(lr) or not lr > 0:
@@ -95,7 +101,9 @@ class ImageClassifier(pl.LightningModule):
         if self.trainer.strategy.root_device.type == "cpu":
             self.to(memory_format=torch.channels_last)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor] | torch.Tensor, batch_idx: int) -> torch.Tensor | None:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor] | torch.Tensor, batch_idx: int
+    ) -> torch.Tensor | None:
         if self.captured is not None:  # compile=true: `batch` holds indices; the replay steps the optimizer
             self._check_and_log(self.captured(batch))
             return None  # nothing left for Lightning's optimizer step: it finds no gradients
@@ -141,7 +149,7 @@ class ImageClassifier(pl.LightningModule):
         """(correct, seen) over the training steps of this epoch so far."""
         if not self._train_outputs:
             return self.train_counts.clone()
-        predicted, labels = (torch.cat(t) for t in zip(*self._train_outputs))
+        predicted, labels = (torch.cat(t) for t in zip(*self._train_outputs, strict=True))
         return self.train_counts + torch.stack([(predicted == labels).sum(), labels.new_tensor(len(labels))])
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -161,7 +169,9 @@ class ImageClassifier(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.log_dict(self._epoch_metrics("test", self.test_loss, self.test_acc), sync_dist=True)
 
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], loss: MeanMetric, acc: MulticlassAccuracy) -> torch.Tensor:
+    def _evaluate(
+        self, batch: tuple[torch.Tensor, torch.Tensor], loss: MeanMetric, acc: MulticlassAccuracy
+    ) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         loss.update(self.criterion(logits, y), weight=len(y))
@@ -195,11 +205,14 @@ class ImageClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         if self.hparams.optimizer is None:
-            raise InputError(f"{type(self).__name__} was built without an optimizer: pass optimizer={{'_target_': ...}}")
+            raise InputError(
+                f"{type(self).__name__} was built without an optimizer: pass optimizer={{'_target_': ...}}"
+            )
         options = {}
         if self.captured is not None:  # the fused optimizer, reading a learning rate the graph can follow
-            options = self.captured.optimizer_options(self.hparams.optimizer["_target_"], self.hparams.optimizer["lr"],
-                                                      self.device)
+            options = self.captured.optimizer_options(
+                self.hparams.optimizer["_target_"], self.hparams.optimizer["lr"], self.device
+            )
         with config_errors("optimizer"):
             optimizer = instantiate(self.hparams.optimizer, params=self.parameters(), **options)
         if self.hparams.scheduler is None:
@@ -211,12 +224,15 @@ class ImageClassifier(pl.LightningModule):
             if key in scheduler and scheduler[key] is None:
                 scheduler[key] = int(length)
         for key in (*SCHEDULE_LENGTH_ARGS, "step_size"):  # PyTorch divides by them only when it steps
-            if key in scheduler and (not is_whole(scheduler[key])
-                                     or scheduler[key] < 1):
-                raise InputError(f"scheduler.{key} must be a positive integer, got {scheduler[key]!r}: "
-                                 f"pass e.g. scheduler.{key}=10, or leave it out")
+            if key in scheduler and (not is_whole(scheduler[key]) or scheduler[key] < 1):
+                raise InputError(
+                    f"scheduler.{key} must be a positive integer, got {scheduler[key]!r}: "
+                    f"pass e.g. scheduler.{key}=10, or leave it out"
+                )
         if interval not in ("step", "epoch"):
-            raise InputError(f"scheduler.interval must be step or epoch, got {interval!r}: pass scheduler.interval=step")
+            raise InputError(
+                f"scheduler.interval must be step or epoch, got {interval!r}: pass scheduler.interval=step"
+            )
         with config_errors("scheduler"):
             built = instantiate(scheduler, optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": built, "interval": interval, "name": "train/lr"}}

@@ -30,5 +30,10 @@ class CNN(ImageClassifier):
                 layers.append(nn.MaxPool2d(2))  # (N, C, 28, 28) -> (N, C, 14, 14) -> (N, C, 7, 7)
             width = size
         # (N, width, 7, 7) -> (N, width) -> (N, num_classes)
-        self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
-                                 nn.Linear(width, self.hparams.num_classes))
+        self.net = nn.Sequential(
+            *layers,
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(width, self.hparams.num_classes),
+        )

@@ -20,11 +20,11 @@ class LeNet(ImageClassifier):
     ) -> None:
         super().__init__(**kwargs)
         self.net = nn.Sequential(
-            nn.Conv2d(1, 6, 5, padding=2), activation_layer(activation), nn.MaxPool2d(2),  # (N, 1, 28, 28) -> (N, 6, 14, 14)
+            # (N, 1, 28, 28) -> (N, 6, 14, 14)
+            nn.Conv2d(1, 6, 5, padding=2), activation_layer(activation), nn.MaxPool2d(2),
             nn.Conv2d(6, 16, 5), activation_layer(activation), nn.MaxPool2d(2),  # -> (N, 16, 5, 5)
             nn.Flatten(),  # -> (N, 400)
             nn.Linear(16 * 5 * 5, 120), activation_layer(activation),
             nn.Dropout(dropout), nn.Linear(120, 84), activation_layer(activation),
             nn.Dropout(dropout), nn.Linear(84, self.hparams.num_classes),
         )  # fmt: skip
-

@@ -23,4 +23,3 @@ class MLP(ImageClassifier):
             layers += [nn.Linear(width, size), activation_layer(activation), nn.Dropout(dropout)]
             width = size
         self.net = nn.Sequential(*layers, nn.Linear(width, self.hparams.num_classes))
-
