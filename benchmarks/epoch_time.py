@@ -44,6 +44,7 @@ from hydra.utils import instantiate
 from torchvision import datasets, transforms
 
 from mnist_lab.data import MNIST_MEAN, MNIST_STD, default_data_dir
+from mnist_lab.models.base import fast_layout
 from mnist_lab.recipe import run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -77,6 +78,7 @@ class PlainLoop:
         torch.manual_seed(cfg.seed)
         self.datamodule, self.batch_size = datamodule, cfg.data.batch_size
         self.model = instantiate(cfg.model, optimizer=None, scheduler=None, _recursive_=False, _convert_="all")
+        fast_layout(self.model, "cpu")  # as mnist_lab's run lays it out: the arms compute alike
         self.optimizer = instantiate(cfg.optimizer, params=self.model.parameters())
         self.steps_per_epoch = -(-len(datamodule.train_set) // self.batch_size)
         self.scheduler = one_cycle(cfg, self.optimizer, epochs * self.steps_per_epoch)
@@ -148,7 +150,9 @@ class LightningFloor(pl.LightningModule):
         super().__init__()
         torch.manual_seed(cfg.seed)
         self.cfg, self.total_steps = cfg, total_steps
-        self.net = instantiate(cfg.model, optimizer=None, scheduler=None, _recursive_=False, _convert_="all").net
+        self.net = fast_layout(
+            instantiate(cfg.model, optimizer=None, scheduler=None, _recursive_=False, _convert_="all").net, "cpu"
+        )
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -206,7 +210,9 @@ def notebook_loader(cfg, data_dir: str) -> torch.utils.data.DataLoader:
 def notebook_epochs(cfg, data_dir: str, epochs: int) -> list[float]:
     """(c): the notebook's pipeline training the same model with the same optimizer."""
     torch.manual_seed(cfg.seed)
-    model = instantiate(cfg.model, optimizer=None, scheduler=None, _recursive_=False, _convert_="all")
+    model = fast_layout(
+        instantiate(cfg.model, optimizer=None, scheduler=None, _recursive_=False, _convert_="all"), "cpu"
+    )
     optimizer = instantiate(cfg.optimizer, params=model.parameters())
     loader = notebook_loader(cfg, data_dir)
     times = []

@@ -33,6 +33,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from mnist_lab.data import BatchIndices, default_data_dir
+from mnist_lab.models.base import fast_layout
 from mnist_lab.recipe import run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -81,6 +82,7 @@ def plain_loop(cfg, datamodule, epochs: int, device: torch.device) -> tuple[list
     """(b): per-epoch training times and test accuracies of a bare loop over GPU tensors."""
     torch.manual_seed(cfg.seed)
     model = instantiate(cfg.model, optimizer=None, scheduler=None, _recursive_=False, _convert_="all").to(device)
+    fast_layout(model, device)  # as mnist_lab's run lays it out: both arms compute alike
     optimizer = instantiate(cfg.optimizer, params=model.parameters())
     batch_size = cfg.data.batch_size
     images, labels = datamodule.train_set.images, datamodule.train_set.labels

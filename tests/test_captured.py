@@ -76,9 +76,8 @@ def test_warm_up_steps_leave_no_trace(optimizer):
     with warmed.undone():
         for _ in range(3):
             warmed._steps()
-    assert all(
-        torch.equal(a, b) for a, b in zip(before, warmed._state(), strict=True)
-    )  # parameters and buffers as they were
+    # parameters and buffers as they were (the optimizer's state, which the steps made, follows them)
+    assert all(torch.equal(a, b) for a, b in zip(before, warmed._state(), strict=False))
     optimizer_state = [v for s in warmed._optimizer.state.values() for v in s.values()]
     assert optimizer_state and all(torch.count_nonzero(v) == 0 for v in optimizer_state)
     warmed._steps()
