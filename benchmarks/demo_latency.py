@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mnist_lab.data import default_data_dir
+from mnist_lab.defaults import default_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

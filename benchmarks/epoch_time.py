@@ -43,7 +43,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torchvision import datasets, transforms
 
-from mnist_lab.data import MNIST_MEAN, MNIST_STD, default_data_dir
+from mnist_lab.defaults import MNIST_MEAN, MNIST_STD, default_data_dir
 from mnist_lab.models.base import fast_layout
 from mnist_lab.recipe import run
 

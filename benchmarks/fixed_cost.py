@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from mnist_lab.compat import phase_methods
-from mnist_lab.data import default_data_dir
+from mnist_lab.defaults import default_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_BATCH = ["model=lenet", "trainer.max_epochs=1", "+trainer.limit_train_batches=1"]

@@ -32,7 +32,8 @@ from epoch_time import test_accuracy, time_to  # the CPU benchmark beside this f
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from mnist_lab.data import BatchIndices, default_data_dir
+from mnist_lab.data import BatchIndices
+from mnist_lab.defaults import default_data_dir
 from mnist_lab.models.base import fast_layout
 from mnist_lab.recipe import run
 

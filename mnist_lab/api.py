@@ -27,7 +27,7 @@ from hydra.errors import CompactHydraException, MissingConfigException, Override
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from mnist_lab.data import default_data_dir
+from mnist_lab.defaults import default_data_dir
 from mnist_lab.errors import InputError, first_line
 from mnist_lab.resolvers import register as register_resolvers
 from mnist_lab.resume import resumed_sweep_argv

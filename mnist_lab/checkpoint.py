@@ -10,7 +10,8 @@ import yaml
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from mnist_lab.data import MNIST_MEAN, MNIST_STD, MNISTDataModule
+from mnist_lab.data import MNISTDataModule
+from mnist_lab.defaults import MNIST_MEAN, MNIST_STD
 from mnist_lab.errors import InputError, first_line
 from mnist_lab.models import ImageClassifier
 from mnist_lab.trust import is_trusted, targets

@@ -3,7 +3,6 @@
 import functools
 import hashlib
 import math
-import os
 import re
 import struct
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mnist_lab.compat import batches_done_in_epoch
+from mnist_lab.defaults import MNIST_MEAN, MNIST_STD
 from mnist_lab.errors import InputError, is_whole
 
 # MD5 of the uncompressed IDX files of the official releases: torchvision checks only the
@@ -41,16 +41,8 @@ _verified: set[tuple[str, int, int]] = set()  # (path, size, mtime) hashed once 
 
 # torchvision's datasets in MNIST's IDX layout (train/t10k-images-idx3-ubyte, ...-labels-idx1-ubyte)
 DATASETS = ("MNIST", "FashionMNIST", "KMNIST")
-# MNIST's pixel mean and standard deviation (of its training images, on a 0-1 scale): the defaults
-# wherever a model's normalization is not recorded. conf/data/mnist.yaml gives the same (tested).
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 IMAGE_MAGIC = 0x0803  # IDX: unsigned bytes, 3 dimensions (N, 28, 28)
 LABEL_MAGIC = 0x0801  # IDX: unsigned bytes, 1 dimension (N,)
-
-
-def default_data_dir() -> Path:
-    """The data folder where none is given: $MNIST_LAB_DATA, else ./data, as conf/data/mnist.yaml's data_dir."""
-    return Path(os.environ.get("MNIST_LAB_DATA", "data"))
 
 
 def _fix(folder: Path) -> str:

@@ -23,7 +23,8 @@ from torchmetrics.functional.classification import multiclass_accuracy, multicla
 
 from mnist_lab.augment import affine
 from mnist_lab.checkpoint import datamodule_for, load_checkpoint
-from mnist_lab.data import dataset_name, default_data_dir, normalize
+from mnist_lab.data import dataset_name, normalize
+from mnist_lab.defaults import default_data_dir
 from mnist_lab.errors import InputError, one_line_errors
 from mnist_lab.figures import confusion_figure, drawing, mistakes_figure, most_confident
 from mnist_lab.run_folder import ensure_writable

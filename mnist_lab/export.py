@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from mnist_lab.checkpoint import datamodule_for, load_checkpoint
-from mnist_lab.data import default_data_dir, normalize
+from mnist_lab.data import normalize
+from mnist_lab.defaults import default_data_dir
 from mnist_lab.errors import InputError, one_line_errors
 from mnist_lab.predict import OnnxClassifier, require
 from mnist_lab.run_folder import ensure_writable

@@ -20,7 +20,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from mnist_lab.checkpoint import load_checkpoint
-from mnist_lab.data import MNIST_MEAN, MNIST_STD, normalize
+from mnist_lab.data import normalize
+from mnist_lab.defaults import MNIST_MEAN, MNIST_STD
 from mnist_lab.errors import InputError, first_line, one_line_errors
 
 FIELD, BOX = 28, 20  # MNIST: digits fit a 20 x 20 box inside a 28 x 28 image

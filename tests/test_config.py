@@ -3,7 +3,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from mnist_lab.data import MNIST_MEAN, MNIST_STD, default_data_dir
+from mnist_lab.defaults import MNIST_MEAN, MNIST_STD, default_data_dir
 from tests.conftest import ARCHITECTURES, ROOT, run_train
 
 GROUPS = [

@@ -3,6 +3,8 @@ module or inside a function (where one could otherwise hide a circle), but for t
 `if TYPE_CHECKING:`, which never run."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import ROOT
@@ -61,3 +63,12 @@ def test_no_module_of_the_package_imports_itself_round_a_circle():
     graph = {name: imported(path) for name, path in MODULES.items()}
     assert graph["mnist_lab.resume"] >= {"mnist_lab.run_folder", "mnist_lab.trust"}  # the walk sees imports
     assert not (found := cycles(graph)), "import circles: " + "; ".join(" -> ".join(c) for c in found)
+
+
+def test_the_package_and_the_command_lines_entry_load_no_torch():
+    """`import mnist_lab` (and so `python train.py --help`, a typo's answer) comes before torch and
+    Lightning, which take seconds to load: they load when a run starts."""
+    code = "import sys, mnist_lab, mnist_lab.api; print(sorted({'torch', 'pytorch_lightning'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
