@@ -3,6 +3,7 @@ README.md and docs/ show is composed by Hydra or parsed by its module's argument
 every Python block runs. A command or option that no longer exists fails here."""
 
 import importlib
+import itertools
 import re
 import shlex
 import shutil
@@ -177,3 +178,13 @@ def test_the_docs_site_builds_in_strict_mode(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "site" / "design" / "index.html").is_file()
+
+
+def results_table(page: Path) -> list[str]:
+    lines = page.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| command | test accuracy |"))
+    return list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
+
+
+def test_readme_and_the_results_page_show_the_same_results():
+    assert results_table(ROOT / "README.md") == results_table(ROOT / "docs" / "results.md")
