@@ -171,8 +171,8 @@ class EpochTimer(pl.Callback):
 class EpochLog(pl.Callback):
     """One line per training epoch, to the console and train.log, of what is computed already:
     `Epoch 2/5: train/loss 0.1523  val/loss 0.0871  val/acc 97.42%  11.8 s`. The training loss is
-    the mean of the values the model read on the host (HostLosses): a run resumed in the middle of
-    an epoch reports the steps since it resumed, and DDP the first process's steps. The seconds are
+    the mean of the values the model read on the host (HostLosses), those before a mid-epoch stop
+    included; DDP's are the first process's steps. The seconds are
     EpochTimer's. A value missing from an epoch (no validation in it) is left out of its line."""
 
     def __init__(self) -> None:

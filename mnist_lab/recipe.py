@@ -37,6 +37,9 @@ logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
 )
 # A resumed run goes on in its own checkpoints/ folder: that it is not empty is the point.
 warnings.filterwarnings("ignore", r"Checkpoint directory .* exists and is not empty\.", UserWarning)
+# A run resumed mid-epoch goes on with the batches it had not trained on: MNISTDataModule keeps
+# that position itself (its state_dict), where Lightning looks for it on the loader.
+warnings.filterwarnings("ignore", r"You're resuming from a checkpoint that ended before the epoch ended", UserWarning)
 # In-memory batches need no loader workers; Lightning's advice to add some does not apply.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 # On a machine with SLURM installed, Lightning advises prepending srun to every command; here a

@@ -94,6 +94,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert scalars(run_dir, "train/loss") == scalars(reference, "train/loss")
     assert scalars(run_dir, "train/acc") == scalars(reference, "train/acc")  # the stopped epoch's counts carried over
     assert scalars(run_dir, "val/acc") == scalars(reference, "val/acc")
+    assert scalars(run_dir, "train/loss_epoch") == scalars(reference, "train/loss_epoch")  # the epoch line's mean
     event_dirs = {path.parent for path in run_dir.rglob("events.out.tfevents.*")}
     assert event_dirs == {run_dir}  # one TensorBoard run, not a second one for the resumed part
 
@@ -120,6 +121,7 @@ def test_signal_mid_epoch_saves_a_checkpoint_and_resume_matches_an_uninterrupted
     result = run_train(f"resume={run_dir}", timeout=300)
     assert result.returncode == 0, result.stderr
     assert metrics(run_dir)["resumed_from_step"] == stopped["step"]
+    assert "dataloader is not resumable" not in result.stderr  # it is: mnist_lab's data module goes on mid-epoch
     assert_same_run(run_dir, uninterrupted)
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from mnist_lab.compat import batches_done_in_epoch
 from mnist_lab.errors import Diverged, InputError, config_errors, is_number, is_whole
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ SCHEDULE_LENGTH_ARGS = ("total_steps", "T_max")
 class HostLosses:
     """The training loss values read on the host in this epoch: every step's on CPU, the logging
     steps' on a GPU (ImageClassifier._check_and_log). A run resumed in the middle of an epoch
-    counts the steps since it resumed."""
+    goes on with those read before the stop, which its checkpoint holds."""
 
     total: float = 0.0
     steps: int = 0
@@ -142,7 +143,7 @@ class ImageClassifier(pl.LightningModule):
             for logger in self.loggers:
                 logger.log_metrics({"train/loss": value}, step=self.global_step)
 
-    def on_train_epoch_start(self) -> None:
+    def on_train_epoch_start(self) -> None:  # not called for an epoch resumed in its middle
         self.losses.total, self.losses.steps = 0.0, 0
 
     def on_train_epoch_end(self) -> None:
@@ -199,9 +200,14 @@ class ImageClassifier(pl.LightningModule):
             "train_counts": self._epoch_train_counts().cpu(),
             "val_acc_best": self.val_acc_best.max_value.cpu(),
         }
+        if batches_done_in_epoch(self.trainer) < self.trainer.num_training_batches:  # a stop mid-epoch
+            # the epoch's losses read so far: its mean (the epoch line) counts them after a resume
+            checkpoint["mnist_lab"]["host_losses"] = {"total": self.losses.total, "steps": self.losses.steps}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("mnist_lab", {})
+        if losses := state.get("host_losses"):  # Lightning goes on in the middle of that epoch
+            self.losses.total, self.losses.steps = float(losses["total"]), int(losses["steps"])
         if "train_counts" in state:  # not in checkpoints written before resume existed
             self.train_counts.copy_(state["train_counts"])
             self._train_outputs.clear()
