@@ -200,7 +200,11 @@ class ImageClassifier(pl.LightningModule):
             "train_counts": self._epoch_train_counts().cpu(),
             "val_acc_best": self.val_acc_best.max_value.cpu(),
         }
-        if batches_done_in_epoch(self.trainer) < self.trainer.num_training_batches:  # a stop mid-epoch
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # saved by a trainer it is not attached to: no epoch in progress
+            return
+        if trainer.training and batches_done_in_epoch(trainer) < trainer.num_training_batches:  # a stop mid-epoch
             # the epoch's losses read so far: its mean (the epoch line) counts them after a resume
             checkpoint["mnist_lab"]["host_losses"] = {"total": self.losses.total, "steps": self.losses.steps}
 
