@@ -75,7 +75,10 @@ def fit(*overrides: str, out_dir: str | Path | None = None) -> "Run":
     if any(o in ("-m", "--multirun") for o in overrides):
         raise InputError("fit trains one configuration: pass a sweep's overrides to mnist_lab.sweep instead")
     argv = [*overrides, *([f"hydra.run.dir={_quoted(out_dir)}"] if out_dir is not None else [])]
-    started = _started(argv)
+    from mnist_lab.compat import one_hydra_run
+
+    with one_hydra_run():  # a run, never a sweep: Hydra composes its config once
+        started = _started(argv)
     if not started:
         raise InputError(f"no run was started by fit{tuple(overrides)}")  # --help, --cfg and the like
     return Run(started[-1])

@@ -4,27 +4,28 @@ The rest of mnist_lab calls these and never touches a private attribute of Light
 TensorBoard itself. Each function has a test in tests/test_compat.py against the installed
 library, which fails with the function's name and the library's version when an upgrade changes
 what it relies on. Tested with pytorch-lightning 2.6.6, torch 2.14.1, tensorboard 2.21.0 and
-hydra-core 1.3.8 (whose plugin API, hydra.core and hydra.plugins, is public and needs no wall).
+hydra-core 1.3.8 (whose plugin API, hydra.core and hydra.plugins, is public and needs no wall;
+what lies beyond it, in hydra._internal, is here too).
 """
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelCheckpoint
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # no torch at import: mnist_lab.api uses this module before a run needs torch
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
     from tensorboard.plugins.hparams.api_pb2 import Experiment
 
 
-def checkpoint_saves_on_steps(checkpoint: ModelCheckpoint) -> bool:
+def checkpoint_saves_on_steps(checkpoint: "ModelCheckpoint") -> bool:
     """Whether `checkpoint` saves at a training batch's end: told to every n steps or every so many
     seconds. Private: ModelCheckpoint keeps both settings in attributes of its own."""
     return bool(checkpoint._every_n_train_steps) or checkpoint._train_time_interval is not None
 
 
-def skip_callback_hooks(callback: pl.Callback, hooks: Iterable[str]) -> None:
+def skip_callback_hooks(callback: "pl.Callback", hooks: Iterable[str]) -> None:
     """Lightning no longer calls these hooks of `callback`, nor pays for visiting it there.
     Private: Lightning's dispatcher (pytorch_lightning.trainer.call._call_callback_hooks) calls a
     callback's hook only where it is callable, so a hook set to None on the instance is passed over."""
@@ -32,13 +33,13 @@ def skip_callback_hooks(callback: pl.Callback, hooks: Iterable[str]) -> None:
         setattr(callback, hook, None)
 
 
-def restore_callback_hooks(callback: pl.Callback, hooks: Iterable[str]) -> None:
+def restore_callback_hooks(callback: "pl.Callback", hooks: Iterable[str]) -> None:
     """Lightning calls these hooks of `callback` again, its class's methods (see skip_callback_hooks)."""
     for hook in hooks:
         callback.__dict__.pop(hook, None)
 
 
-def batches_done_in_epoch(trainer: pl.Trainer) -> int:
+def batches_done_in_epoch(trainer: "pl.Trainer") -> int:
     """Training batches of the current epoch that have gone through their step, the one ending
     included. Private: Lightning counts them in its training loop's progress and offers no public
     count (trainer.global_step counts optimizer steps, fewer with accumulate_grad_batches)."""
@@ -79,3 +80,20 @@ def phase_methods() -> dict[str, tuple[str, str]]:
             "_CheckpointConnector.resume_start",
         ),
     }
+
+
+@contextmanager
+def one_hydra_run() -> Iterator[None]:
+    """Within it, Hydra runs an app's command line as one run without first composing the whole
+    config a second time just to read `hydra.mode` from it (as if it set none): a tenth of a
+    second of a warm mnist_lab.fit (benchmarks/fixed_cost.py). For callers that never sweep:
+    Hydra then runs the app once, with the override hydra.mode=RUN. Private: Hydra's
+    _run_hydra asks Hydra.get_mode (hydra._internal.hydra) for the mode, and takes None as "not set"."""
+    from hydra._internal.hydra import Hydra
+
+    get_mode = Hydra.get_mode
+    Hydra.get_mode = lambda self, config_name, overrides: None
+    try:
+        yield
+    finally:
+        Hydra.get_mode = get_mode

@@ -206,3 +206,43 @@ def test_phase_methods(tmp_path, monkeypatch):
         assert len(calls["training epoch"]) == 1  # one epoch
         assert len(calls["evaluation"]) == 3  # the sanity check, validation, test
         assert any(str(checkpoint) in map(str, args) for args in calls["checkpoint load"]), calls["checkpoint load"]
+
+
+def run_hydra_app(config_dir, run_dir, monkeypatch) -> tuple[int, list[str]]:
+    """Hydra's command line, run once on a one-key app: how many times it composed the config, and
+    the hydra.mode of each run of the app."""
+    import hydra
+    from hydra._internal.hydra import Hydra
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    composed, modes = [], []
+    compose = Hydra.compose_config
+
+    def counted(self, *args, **kwargs):
+        composed.append(1)
+        return compose(self, *args, **kwargs)
+
+    @hydra.main(version_base="1.3", config_path=str(config_dir), config_name="app")
+    def app(cfg) -> None:
+        modes.append(str(HydraConfig.get().mode))
+
+    monkeypatch.setattr(Hydra, "compose_config", counted)
+    monkeypatch.setattr("sys.argv", ["app.py", "x=2", f"hydra.run.dir={run_dir}"])
+    try:
+        app()
+    finally:
+        GlobalHydra.instance().clear()
+    return len(composed), modes
+
+
+def test_one_hydra_run(tmp_path, monkeypatch):
+    from hydra._internal.hydra import Hydra
+
+    (tmp_path / "app.yaml").write_text("x: 1\n")
+    get_mode = Hydra.get_mode
+    with names(compat.one_hydra_run, "hydra-core", "how its command line finds the run mode (Hydra.get_mode)"):
+        assert run_hydra_app(tmp_path, tmp_path / "plain", monkeypatch) == (2, ["RunMode.RUN"])
+        with compat.one_hydra_run():
+            assert run_hydra_app(tmp_path, tmp_path / "fenced", monkeypatch) == (1, ["RunMode.RUN"])
+    assert Hydra.get_mode is get_mode
