@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
+from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_confusion_matrix
 
@@ -26,7 +27,8 @@ from mnist_lab.checkpoint import datamodule_for, load_checkpoint
 from mnist_lab.data import dataset_name, normalize
 from mnist_lab.defaults import default_data_dir
 from mnist_lab.errors import InputError, one_line_errors
-from mnist_lab.figures import confusion_figure, drawing, mistakes_figure, most_confident
+from mnist_lab.figures import confusion_figure, mistakes_figure, most_confident, to_image
+from mnist_lab.loggers import add_image
 from mnist_lab.run_folder import ensure_writable
 
 OUTPUTS = ("evaluation.json", "confusion_matrix.png", "misclassified.png", "robustness.png", "events.out.tfevents.*")
@@ -100,7 +102,9 @@ def robustness(
     }
 
 
-def misclassified_figure(images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, count: int = 32) -> Figure:
+def misclassified_figure(
+    images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, count: int = 32
+) -> Image.Image:
     """The most confidently wrong digits, most confident first."""
     confidence, predicted = (t.cpu() for t in logits.softmax(1).max(1))
     labels = labels.cpu()
@@ -172,12 +176,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         figures["robustness"] = robustness_figure(result["robustness"])
 
     (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
-    with SummaryWriter(str(out_dir)) as writer, drawing():
+    with SummaryWriter(str(out_dir)) as writer:
         writer.add_scalar("evaluate/acc", result["test/acc"])
         writer.add_scalar("evaluate/loss", result["test/loss"])
         for name, figure in figures.items():
-            figure.savefig(out_dir / f"{name}.png", dpi=100)
-            writer.add_figure(f"evaluate/{name}", figure)
+            image = to_image(figure)
+            image.save(out_dir / f"{name}.png")
+            add_image(writer, f"evaluate/{name}", image)
         for name, accuracy in result.get("robustness", {}).items():
             writer.add_scalar(f"robustness/{name.replace(' ', '_')}", accuracy)
     print(report(result, out_dir))

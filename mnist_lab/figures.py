@@ -1,11 +1,15 @@
 """Figures of a run: test digits with their predictions, the misclassified ones, the confusion
 matrix (into TensorBoard's IMAGES tab, at test time) and the learning curves (curves.png)."""
 
+import math
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure  # not pyplot: no backend, no global state, nothing to close
+from PIL import Image, ImageDraw, ImageFont
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 # Text drawn without hinting costs less to draw (benchmarks/fixed_cost.py: the test figures and
@@ -18,40 +22,48 @@ def drawing() -> matplotlib.rc_context:
     return matplotlib.rc_context(DRAWING)
 
 
-TITLE_ROWS, GAP = 9, 3  # pixels of a digit grid's mosaic: above each digit for its title, beside it
+def to_image(figure: Figure | Image.Image) -> Image.Image:
+    """A figure as pixels, drawn once for every place it goes (TensorBoard, MLflow, a PNG file)."""
+    if isinstance(figure, Image.Image):
+        return figure
+    canvas = FigureCanvasAgg(figure)
+    with drawing():
+        canvas.draw()
+    return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3])
 
 
-def digit_grid(images: torch.Tensor, titles: list[str], columns: int = 8) -> Figure:
-    """A grid of (N, 1, H, W) images, each titled: one mosaic in one Axes, which draws many times
-    faster than an Axes per digit."""
+# A digit grid's layout, in pixels: each digit enlarged SCALE times, a title band of TITLE_ROWS
+# above it in a font of FONT_SIZE, GAP beside it.
+SCALE, TITLE_ROWS, FONT_SIZE, GAP = 3, 15, 11, 8
+
+
+def digit_grid(images: torch.Tensor, titles: list[str], columns: int = 8) -> Image.Image:
+    """A grid of (N, 1, H, W) images, each in its own gray range and titled above, as one grayscale
+    image. Drawn with Pillow: as a matplotlib figure, its titles alone cost more than a warm fit's
+    training step (benchmarks/fixed_cost.py: the test figures)."""
     n, _, height, width = images.shape
     rows = max(1, -(-n // columns))
-    cell_h, cell_w = height + TITLE_ROWS, width + GAP  # a title band above each digit, a gap beside
-    # NaN is the background between digits (drawn white); each digit keeps its own gray range.
-    mosaic = torch.full((rows * cell_h, columns * cell_w), float("nan"))
-    for i, image in enumerate(images[:, 0].float().cpu()):
-        top, left = (i // columns) * cell_h + TITLE_ROWS, (i % columns) * cell_w
-        low, high = image.min(), image.max()
-        mosaic[top : top + height, left : left + width] = (image - low) / (high - low).clamp_min(1e-12)
-    fig = Figure(figsize=(columns * 1.1, rows * 1.3))
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(mosaic.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.axis("off")
-    for i, title in enumerate(titles[:n]):
-        ax.text(
-            (i % columns) * cell_w + width / 2 - 0.5,
-            (i // columns) * cell_h + TITLE_ROWS - 1.5,
-            title,
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
-    return fig
+    font = ImageFont.load_default(size=FONT_SIZE)
+    # Cells as wide as the widest title, so that titles never run into each other.
+    cell_w = max([width * SCALE, *(math.ceil(font.getlength(title)) for title in titles[:n])]) + GAP
+    cell_h = height * SCALE + TITLE_ROWS
+    digits = images[:, 0].float().cpu()  # (N, H, W)
+    low, high = digits.amin((1, 2), keepdim=True), digits.amax((1, 2), keepdim=True)
+    digits = ((digits - low) / (high - low).clamp_min(1e-12) * 255).round().to(torch.uint8)
+    grid = Image.new("L", (columns * cell_w, rows * cell_h), 255)
+    draw = ImageDraw.Draw(grid)
+    for i, digit in enumerate(digits):
+        left, top = (i % columns) * cell_w, (i // columns) * cell_h
+        tile = Image.fromarray(digit.numpy()).resize((width * SCALE, height * SCALE), Image.Resampling.NEAREST)
+        grid.paste(tile, (left + (cell_w - width * SCALE) // 2, top + TITLE_ROWS))
+        if i < len(titles):  # centred above the digit, its baseline two pixels above it
+            draw.text((left + cell_w / 2, top + TITLE_ROWS - 2), titles[i], fill=0, font=font, anchor="ms")
+    return grid
 
 
 def mistakes_figure(
     images: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor, confidence: torch.Tensor
-) -> Figure:
+) -> Image.Image:
     """Misclassified digits titled "predicted (confidence), true label"."""
     titles = [
         f"{p} ({c:.0%}), true {t}"
@@ -65,7 +77,8 @@ def confusion_figure(matrix: torch.Tensor) -> Figure:
     ax = fig.subplots()
     ax.imshow(matrix.cpu().numpy(), cmap="Blues")  # no colorbar: every cell prints its count
     n = len(matrix)
-    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title="confusion matrix (test)")
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true")
+    ax.set_title("confusion matrix (test)", y=1.0)  # y given: matplotlib does not measure the ticks to place it
     for (i, j), count in zip(
         torch.cartesian_prod(torch.arange(n), torch.arange(n)).tolist(), matrix.flatten().tolist(), strict=True
     ):
@@ -106,7 +119,8 @@ def curves_figure(log_dir: Path) -> Figure:
             ax.plot(
                 [step for step, _ in points], [value for _, value in points], marker="." if len(points) < 50 else None
             )
-        ax.set(title=title, xlabel="step")
+        ax.set_title(title, y=1.0)  # see confusion_figure
+        ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.subplots_adjust(left=0.05, right=0.99, bottom=0.14, top=0.91, wspace=0.2)  # fixed: see confusion_figure
     return fig

@@ -16,14 +16,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
+from PIL import Image
 from pytorch_lightning.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
+from torch.utils.tensorboard import SummaryWriter
 
 from mnist_lab.errors import InputError, config_errors
-from mnist_lab.figures import drawing
+from mnist_lab.figures import to_image
 from mnist_lab.run_folder import MLFLOW_ARTIFACTS, MLFLOW_STORE
 from mnist_lab.sweep_folder import in_sweep
 
@@ -110,14 +113,19 @@ def forget_after(loggers: Sequence[Logger], step: int) -> None:
         logger.save()  # on disk again at once, should this process be stopped too
 
 
-def log_figure(trainer: pl.Trainer, tag: str, figure: Figure) -> None:
+def log_figure(trainer: pl.Trainer, tag: str, figure: Figure | Image.Image) -> None:
     """A figure to every logger that keeps figures: TensorBoard's IMAGES, MLflow's artifacts."""
-    with drawing():
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_figure(tag, figure, trainer.global_step, close=False)
-            elif isinstance(logger, MLFlowLogger):
-                logger.experiment.log_figure(logger.run_id, figure, f"{tag}.png")
+    image = to_image(figure)
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            add_image(logger.experiment, tag, image, trainer.global_step)
+        elif isinstance(logger, MLFlowLogger):
+            logger.experiment.log_image(logger.run_id, image, artifact_file=f"{tag}.png")
+
+
+def add_image(writer: SummaryWriter, tag: str, image: Image.Image, step: int | None = None) -> None:
+    """A Pillow image (grayscale or RGB) into TensorBoard's IMAGES tab."""
+    writer.add_image(tag, np.asarray(image), step, dataformats="HW" if image.mode == "L" else "HWC")
 
 
 def finish_loggers(loggers: Sequence[Logger], params: dict[str, Any], files: Sequence[Path]) -> None:

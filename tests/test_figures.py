@@ -1,8 +1,19 @@
 import matplotlib
+import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from mnist_lab.figures import confusion_figure, curves_figure, digit_grid, drawing, plot_curves
+from mnist_lab.figures import (
+    GAP,
+    SCALE,
+    TITLE_ROWS,
+    confusion_figure,
+    curves_figure,
+    digit_grid,
+    drawing,
+    plot_curves,
+    to_image,
+)
 
 
 def write_scalars(log_dir, series: dict[str, list[tuple[int, float]]]) -> None:
@@ -44,9 +55,36 @@ def test_the_confusion_matrix_prints_every_nonzero_count():
     assert sorted(text.get_text() for text in ax.texts) == ["2", "5", "7"]
 
 
-def test_digit_grids_title_every_digit():
-    fig = digit_grid(torch.rand(10, 1, 28, 28), [f"{i} (true {i})" for i in range(10)], columns=4)
-    assert [text.get_text() for text in fig.axes[0].texts] == [f"{i} (true {i})" for i in range(10)]
+def test_digit_grids_show_every_digit_in_its_own_gray_range_under_its_title():
+    dim, bright = torch.full((1, 1, 28, 28), -0.4), torch.full((1, 1, 28, 28), 2.8)
+    dim[..., :14], bright[..., :14] = -0.5, 2.0  # one digit dark, one bright: each half black, half white
+    images = torch.cat([dim, bright, torch.rand(8, 1, 28, 28)])
+    grid = np.asarray(digit_grid(images, [f"{i} (true {i})" for i in range(9)] + [""], columns=4))
+    rows, cell_h = 3, 28 * SCALE + TITLE_ROWS
+    cell_w = grid.shape[1] // 4
+    assert grid.shape[0] == rows * cell_h and cell_w >= 28 * SCALE + GAP
+    left = (cell_w - 28 * SCALE) // 2
+    for i in (0, 1):
+        digit = grid[TITLE_ROWS:cell_h, i * cell_w + left : i * cell_w + left + 28 * SCALE]
+        assert digit[:, : 14 * SCALE].max() == 0 and digit[:, 14 * SCALE :].min() == 255
+    titles = [
+        grid[r * cell_h : r * cell_h + TITLE_ROWS, c * cell_w : (c + 1) * cell_w] for r in range(3) for c in range(4)
+    ]
+    assert [bool((band < 128).any()) for band in titles] == [True] * 9 + [False] * 3  # an empty title, then no digits
+    assert (grid[2 * cell_h :, 2 * cell_w :] == 255).all()  # no digit where there are none
+
+
+def test_a_digit_grids_cells_are_as_wide_as_its_longest_title():
+    short = digit_grid(torch.rand(2, 1, 28, 28), ["1", "2"], columns=2)
+    long = digit_grid(torch.rand(2, 1, 28, 28), ["1", "9 (100%), true 4 and more"], columns=2)
+    assert short.width == 2 * (28 * SCALE + GAP) and long.width > short.width
+
+
+def test_figures_and_images_become_the_same_kind_of_picture():
+    matrix = to_image(confusion_figure(torch.eye(3, dtype=torch.long)))
+    assert matrix.mode == "RGB" and matrix.size == (540, 500)  # 5.4 x 5 inches at 100 dpi
+    grid = digit_grid(torch.rand(1, 1, 28, 28), ["7"])
+    assert to_image(grid) is grid
 
 
 def test_figures_are_drawn_with_unhinted_text_and_matplotlibs_settings_are_left_as_they_were():
