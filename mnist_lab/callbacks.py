@@ -117,33 +117,47 @@ class NetSummary(RichModelSummary):
 
 
 class EpochTimer(pl.Callback):
-    """Wall time of each training epoch, validation excluded; kept whole across a stop and resume."""
+    """Wall time of each training epoch, validation excluded; kept whole across a stop and resume.
+
+    On a GPU it waits for the device at each mark (an epoch's queued kernels are its training, not
+    the validation after it). The captured step's warm-up and capture (compile=true) are counted
+    apart, in `capture_time`, not as training."""
 
     def __init__(self) -> None:
         self.epoch_times: list[float] = []
-        self.earlier_fit_time = 0.0  # before the run was stopped and resumed
+        self.earlier_fit_time = self.earlier_capture_time = 0.0  # before the run was stopped and resumed
         self._earlier_epoch_time = 0.0  # of the epoch that a run stopped in its middle goes on with
         self._start, self._in_validation, self._in_epoch = time.perf_counter(), 0.0, False
+        self._captured: Any = None  # the model's CapturedSteps, which times its capture
+        self._capture_at_start = 0.0  # its capture time when the epoch started
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._fit_start = time.perf_counter()
+        self._captured = getattr(pl_module, "captured", None)
+        self._fit_start = self._now(pl_module)
         # Lightning calls no on_train_epoch_start for the epoch that a resumed run goes on with.
         self._start, self._in_validation = self._fit_start - self._earlier_epoch_time, 0.0
-        self._in_epoch = True
+        self._in_epoch, self._capture_at_start = True, self._session_capture_time
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start, self._in_validation, self._in_epoch = time.perf_counter(), 0.0, True
+        self._start, self._in_validation, self._in_epoch = self._now(pl_module), 0.0, True
+        self._capture_at_start = self._session_capture_time
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._val_start = time.perf_counter()
+        self._val_start = self._now(pl_module)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "fit":  # the sanity check included: a resumed epoch runs one
-            self._in_validation += time.perf_counter() - self._val_start
+            self._in_validation += self._now(pl_module) - self._val_start
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        synchronize(pl_module.device)
         self.epoch_times.append(self._epoch_time)
         self._in_epoch = False
+
+    @staticmethod
+    def _now(pl_module: pl.LightningModule) -> float:
+        synchronize(pl_module.device)
+        return time.perf_counter()
 
     @property
     def epoch_time(self) -> float:
@@ -152,20 +166,44 @@ class EpochTimer(pl.Callback):
 
     @property
     def _epoch_time(self) -> float:
-        return time.perf_counter() - self._start - self._in_validation
+        capture = self._session_capture_time - self._capture_at_start
+        return time.perf_counter() - self._start - self._in_validation - capture
+
+    @property
+    def _session_capture_time(self) -> float:
+        return self._captured.capture_time if self._captured is not None else 0.0
 
     @property
     def fit_time(self) -> float:
         """Seconds in trainer.fit, over every session of a resumed run."""
         return self.earlier_fit_time + time.perf_counter() - self._fit_start
 
+    @property
+    def capture_time(self) -> float:
+        """Seconds of the captured step's warm-up and capture, over every session of a resumed run
+        (each captures its graph anew); in fit_time, not in the epochs' times."""
+        return self.earlier_capture_time + self._session_capture_time
+
     def state_dict(self) -> dict[str, Any]:
         epoch_time = self._epoch_time if self._in_epoch else 0.0  # a checkpoint in the middle of an epoch
-        return {"epoch_times": self.epoch_times, "fit_time": self.fit_time, "epoch_time": epoch_time}
+        return {
+            "epoch_times": self.epoch_times,
+            "fit_time": self.fit_time,
+            "epoch_time": epoch_time,
+            "capture_time": self.capture_time,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epoch_times, self.earlier_fit_time = list(state_dict["epoch_times"]), state_dict["fit_time"]
-        self._earlier_epoch_time = state_dict.get("epoch_time", 0.0)  # checkpoints from before it was kept
+        # Each absent from checkpoints written before it was kept.
+        self._earlier_epoch_time = state_dict.get("epoch_time", 0.0)
+        self.earlier_capture_time = state_dict.get("capture_time", 0.0)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on a GPU, so that the clock read next counts it; nothing on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class EpochLog(pl.Callback):

@@ -9,7 +9,9 @@ one). The learning rate is a tensor on the device that the scheduler fills in pl
 replay; the optimizer is PyTorch's fused one, which reads it there.
 """
 
+import gc
 import inspect
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,6 +23,9 @@ from omegaconf import DictConfig
 from mnist_lab.errors import InputError, is_whole
 
 WARMUP_STEPS = 3  # on a side stream before capture: cuBLAS/cuDNN handles, the optimizer's state
+# What the captured step trains with: each has a fused implementation that reads its learning rate
+# from a tensor on the device, and is capturable in a CUDA graph.
+CAPTURED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
 def check_capture(cfg: DictConfig) -> None:
@@ -35,10 +40,18 @@ def check_capture(cfg: DictConfig) -> None:
     if not is_whole(steps) or steps < 1:
         raise InputError(f"steps_per_replay must be a positive integer, got {steps!r}: pass e.g. steps_per_replay=4")
     optimizer = cfg.optimizer._target_
-    if "fused" not in inspect.signature(get_class(optimizer)).parameters:
+    if get_class(optimizer) not in CAPTURED_OPTIMIZERS:
         raise InputError(
-            f"compile=true needs an optimizer with a fused implementation, which reads the learning rate on the "
-            f"device; {optimizer} has none: use optimizer=sgd, adam or adamw, or drop compile=true"
+            f"compile=true trains with PyTorch's fused SGD, Adam or AdamW, which read the learning rate on the "
+            f"device and run inside a graph; {optimizer} is none of them: use optimizer=sgd, adam or adamw, "
+            "or drop compile=true"
+        )
+    if get_class(optimizer) is torch.optim.SGD and cfg.optimizer.get("momentum") and cfg.optimizer.get("dampening"):
+        # SGD leaves its first update undamped; the graph's first replay finds a momentum buffer
+        # (made by the warm-up, zeroed) and damps it: it would not be the run's first step.
+        raise InputError(
+            f"compile=true does not support optimizer.dampening={cfg.optimizer.dampening} with momentum yet: "
+            "pass optimizer.dampening=0, or drop compile=true"
         )
     trainer = cfg.trainer
     refusals = {
@@ -89,13 +102,11 @@ class CapturedSteps:
             None  # the last step's loss; a graph's output is overwritten by the next replay
         )
         self._kept: list[torch.Tensor] = []  # memory the graph writes to, which Lightning would let go (gradients)
+        self.capture_time = 0.0  # seconds of warm-up and capture (on a GPU), which are not training
 
     def optimizer_options(self, target: str, lr: float, device: torch.device) -> dict[str, Any]:
         """The fused optimizer, its learning rate a tensor on the device (capturable where it asks for it)."""
-        options: dict[str, Any] = {"fused": True, "lr": torch.tensor(float(lr), device=device)}
-        if device.type == "cuda" and "capturable" in inspect.signature(get_class(target)).parameters:
-            options["capturable"] = True
-        return options
+        return {"lr": torch.tensor(float(lr), device=device), **graph_flags(get_class(target), device)}
 
     def __call__(self, indices: torch.Tensor) -> torch.Tensor:
         """Train on the (steps, batch) `indices`; return the last step's loss."""
@@ -130,9 +141,16 @@ class CapturedSteps:
         """Set up on the first call, after Lightning has restored any checkpoint; capture on a GPU."""
         device = indices.device
         self._optimizer = optimizer
+        flags = graph_flags(type(optimizer), device)
         for group in self._optimizer.param_groups:
-            # A resumed run's checkpoint brings its learning rate back as a float or a CPU tensor.
+            # A resumed run's checkpoint brings its learning rate back as a float or a CPU tensor, and
+            # its flags: an eager run's (fused and capturable off) where it was trained without a graph.
             group["lr"] = torch.tensor(float(group["lr"]), device=device)
+            group.update(flags)
+            for param in group["params"]:
+                state = self._optimizer.state.get(param, {})
+                if torch.is_tensor(state.get("step")):  # fused and capturable ones count steps on the device
+                    state["step"] = state["step"].to(param.device, torch.float32)
         self._lrs = [group["lr"] for group in self._optimizer.param_groups]  # the tensors the graph reads
         self.indices = torch.empty_like(indices)
         self._batch_size = torch.tensor(indices.shape[1], device=device)
@@ -145,19 +163,33 @@ class CapturedSteps:
         first step), then the capture, which records without running."""
         self.indices.copy_(indices)
         device = indices.device
-        with self.undone():
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_STEPS):
-                    self._steps()
-            torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.loss = self._steps()
+        started = time.perf_counter()
+        with collector_held():
+            with self.undone():
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    for _ in range(WARMUP_STEPS):
+                        self._steps()
+                torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.loss = self._steps()
+        torch.cuda.synchronize(device)
+        self.capture_time += time.perf_counter() - started
         # Held from now on (not before: autograd adds into a gradient in place only while nothing
         # else holds it): the replays write here after Lightning has set every .grad to None.
         self._kept = [p.grad for p in self.model.parameters() if p.grad is not None]
+
+    def release(self) -> None:
+        """Free the graph and the memory it writes to, and let go of the model, the data and the
+        optimizer, which hold this object in turn: no cycle is left for Python's collector to
+        break later, perhaps while another run in this process captures its graph. Once a fit has
+        ended (or failed), it trains no more."""
+        if self.graph is not None:
+            self.graph.reset()
+        self.graph, self.indices, self.loss, self._kept = None, None, None, []
+        self.model = self.data = self.normalize = self._optimizer = self._lrs = None
 
     @contextmanager
     def undone(self) -> Iterator[None]:
@@ -181,3 +213,26 @@ class CapturedSteps:
         """Every tensor a training step changes: parameters, buffers, then the optimizer's state."""
         optimizer_state = [v for s in self._optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         return [*(p.detach() for p in self.model.parameters()), *self.model.buffers(), *optimizer_state]
+
+
+def graph_flags(optimizer: type, device: torch.device) -> dict[str, bool]:
+    """The options that make one of CAPTURED_OPTIMIZERS run in a graph on `device`: fused, and on
+    a GPU capturable where it has the option (Adam and AdamW, which count their steps there)."""
+    capturable = device.type == "cuda" and "capturable" in inspect.signature(optimizer).parameters
+    return {"fused": True, **({"capturable": True} if capturable else {})}
+
+
+@contextmanager
+def collector_held() -> Iterator[None]:
+    """Python's garbage collector collects just before, then not at all inside. A capture must not
+    see it run: it could destroy an earlier run's graph, kept alive by a reference cycle, and
+    destroying a graph while a stream captures fails the capture ("operation not permitted when
+    stream is capturing"). Since torch 2.9, torch.cuda.graph no longer collects on entry itself."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -75,9 +75,13 @@ def run(
     logger_kwargs = logger_run(out_dir, swept, overrides, resume_from, model)
     trainer = build_trainer(cfg, out_dir, logger_kwargs, callbacks)
     with recording_stops(trainer, out_dir), stop_on_signals(state):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        finally:
+            if model.captured is not None:  # its graph goes now, even when the fit failed: see release
+                model.captured.release()
         # Read now: testing the best checkpoint restores the callbacks' state as it was then.
-        fit_time, epoch_times = timer.fit_time, list(timer.epoch_times)
+        fit_time, epoch_times, capture_time = timer.fit_time, list(timer.epoch_times), timer.capture_time
         (test,) = trainer.test(
             model, datamodule=datamodule, ckpt_path=best.best_model_path, verbose=False, weights_only=True
         )
@@ -89,6 +93,7 @@ def run(
         "epochs": trainer.current_epoch,
         "fit_time_s": round(fit_time, 3),
         "epoch_train_time_s": [round(t, 3) for t in epoch_times],
+        **({"capture_time_s": round(capture_time, 3)} if cfg.get("compile") else {}),
         "best_checkpoint": str(Path(best.best_model_path).relative_to(out_dir)),
         **({"resumed_from_step": logger_kwargs["purge_step"]} if resume_from else {}),
     }

@@ -159,3 +159,42 @@ def test_the_progress_bar_shows_the_last_loss_the_model_read(tmp_path):
     assert metrics["loss"] == model.losses.last == pytest.approx(seen.losses[-1][-1])
     assert "v_num" not in metrics
     assert model.losses.steps == 6  # on CPU the model reads every step's loss (one epoch, 6 steps)
+
+
+class Clock:
+    """time.perf_counter for mnist_lab.callbacks: a time set by the test, each reading noted."""
+
+    def __init__(self, seen: list[str]) -> None:
+        self.now, self.seen = 0.0, seen
+
+    def __call__(self) -> float:
+        self.seen.append("clock")
+        return self.now
+
+
+def test_the_epoch_timer_waits_for_the_gpu_and_counts_the_capture_apart(monkeypatch):
+    """A GPU's device and a captured step stood in for: every reading of the clock follows a wait
+    for the device, and the seconds the capture took leave the epoch's training time."""
+    seen: list[str] = []
+    clock, timer = Clock(seen), EpochTimer()
+    monkeypatch.setattr("mnist_lab.callbacks.time.perf_counter", clock)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: seen.append("wait"))
+    captured = SimpleNamespace(capture_time=0.0)
+    module = SimpleNamespace(device=torch.device("cuda", 0), captured=captured)
+    trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"))
+    timer.on_fit_start(trainer, module)
+    timer.on_train_epoch_start(trainer, module)
+    clock.now, captured.capture_time = 5.0, 2.0  # 5 s in the epoch, 2 of them warm-up and capture
+    timer.on_validation_start(trainer, module)
+    clock.now = 6.0  # 1 s of validation
+    timer.on_validation_end(trainer, module)
+    timer.on_train_epoch_end(trainer, module)
+    assert timer.epoch_times == [3.0] and timer.capture_time == 2.0
+    assert [a for a, b in zip(seen, seen[1:], strict=False) if b == "clock"] == ["wait"] * seen.count("clock")
+    timer.on_train_epoch_start(trainer, module)
+    clock.now = 10.0
+    timer.on_train_epoch_end(trainer, module)
+    assert timer.epoch_times == [3.0, 4.0]  # the capture counted once, in the epoch it happened in
+    resumed = EpochTimer()
+    resumed.load_state_dict(timer.state_dict())
+    assert resumed.capture_time == 2.0  # a resumed run captures anew: its time adds to this

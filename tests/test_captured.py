@@ -3,8 +3,12 @@ steps run without a graph on the CPU, through the same code; what only the captu
 steps that must leave no trace) is checked on its own."""
 
 import copy
+import gc
 import json
+import weakref
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -37,7 +41,10 @@ def test_batch_groups_hold_full_batches_only():
 @pytest.mark.parametrize(
     "overrides, refused",
     [
-        (["compile=true", "optimizer=rmsprop"], "optimizer with a fused implementation"),
+        (["compile=true", "optimizer=rmsprop"], "fused SGD, Adam or AdamW"),
+        # Adagrad has a `fused` option, but its fused step refuses CUDA tensors
+        (["compile=true", "optimizer=rmsprop", "optimizer._target_=torch.optim.Adagrad"], "fused SGD, Adam or AdamW"),
+        (["compile=true", "+optimizer.dampening=0.5"], "optimizer.dampening=0.5 with momentum"),
         (["compile=true", "augment=affine"], "data.augment"),
         (["compile=true", "model=cnn"], "data.augment"),  # the CNN picks augment=affine
         (["compile=true", "trainer=ddp_cpu"], "trainer.strategy=ddp"),
@@ -53,11 +60,11 @@ def test_what_a_captured_step_cannot_do_is_refused_up_front(overrides, refused, 
         check_capture(make_cfg(*overrides))
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "adamw +optimizer.amsgrad=true"])
 def test_warm_up_steps_leave_no_trace(optimizer):
     """Before capture, a GPU runs real training steps to warm up; `undone` puts everything back,
     so that the first replay is the run's first step: the same update as a fresh optimizer's."""
-    cfg = compose_train(f"optimizer={optimizer}")
+    cfg = compose_train(*f"optimizer={optimizer}".split())
     torch.manual_seed(0)
     model = LeNet(optimizer=dict(cfg.optimizer))
     fresh = copy.deepcopy(model)
@@ -121,7 +128,8 @@ def scalars(out_dir: Path, tag: str) -> list[float]:
 
 def test_the_switch_on_and_off_gives_the_same_metrics_and_tags(eager_and_captured):
     (eager_dir, eager), (captured_dir, captured) = eager_and_captured["eager"], eager_and_captured["captured"]
-    assert captured.keys() == eager.keys()
+    assert captured.keys() == eager.keys() | {"capture_time_s"}
+    assert captured["capture_time_s"] == 0.0  # no graph on a CPU: nothing captured
     assert scalar_tags(captured_dir) == scalar_tags(eager_dir)
     assert json.loads((captured_dir / "metrics.json").read_text()) == captured
     # The same steps on the same batches, PyTorch's fused SGD in place of its foreach one.
@@ -165,3 +173,83 @@ def test_the_fast_recipe_composes_and_passes_the_checks():
 def test_a_training_set_smaller_than_one_replay_is_refused(synthetic_dir, tmp_path):
     with pytest.raises(InputError, match="steps_per_replay=8 full batches of 32, 256 images, but there are 200"):
         run(compose_train(*captured_overrides(synthetic_dir, "compile=true", "steps_per_replay=8")), tmp_path)
+
+
+def captured_lenet(optimizer: str = "sgd") -> tuple[LeNet, CapturedSteps, torch.Tensor]:
+    """LeNet-5 with a captured step attached as mnist_lab.recipe.build attaches it, and prepared
+    with its optimizer as on the first training step; two batches of 16 indices."""
+    cfg = compose_train(f"optimizer={optimizer}")
+    model = LeNet(optimizer=dict(cfg.optimizer))
+    images, labels = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (64,))
+    steps = CapturedSteps(model, lambda: (images, labels), lambda x: normalize(x, 0.1307, 0.3081), steps=2)
+    model.captured = steps
+    indices = torch.arange(32).view(2, 16)
+    options = steps.optimizer_options(cfg.optimizer._target_, cfg.optimizer.lr, torch.device("cpu"))
+    steps._prepare(indices, instantiate(cfg.optimizer, params=model.parameters(), **options))
+    return model, steps, indices
+
+
+def test_warm_up_and_capture_run_with_the_collector_held_and_release_frees_the_graph(monkeypatch):
+    """_capture on the CPU, PyTorch's CUDA calls stood in for: Python's collector runs just before
+    the warm-up, not during it nor during the capture, and runs again afterwards."""
+    seen = []
+
+    class Graph:
+        def reset(self) -> None:
+            seen.append("graph freed")
+
+    @contextmanager
+    def noting(what: str):
+        seen.append((what, gc.isenabled()))
+        yield
+
+    side = SimpleNamespace(wait_stream=lambda other: None)
+    collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: seen.append("collected") or collect(*a))
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: side)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: side)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: noting("warm-up"))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph: noting("capture"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    model, steps, indices = captured_lenet()
+    steps._capture(indices)
+    assert seen == ["collected", ("warm-up", False), ("capture", False)] and gc.isenabled()
+    assert steps.capture_time > 0 and isinstance(steps.graph, Graph)
+    steps.release()
+    assert seen[-1] == "graph freed" and steps.graph is None
+
+
+def test_a_released_captured_step_leaves_no_reference_cycle():
+    """Freed as soon as the last reference goes, with no collector: nothing is left for it to find
+    later, during another run's capture."""
+    model, steps, indices = captured_lenet()
+    steps(indices)  # trains, as the first training step does
+    steps.release()
+    gone = weakref.ref(model), weakref.ref(steps)
+    gc.collect()
+    gc.disable()
+    try:
+        del model, steps
+        assert [ref() for ref in gone] == [None, None]
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_an_eager_checkpoints_optimizer_state_is_made_fit_for_the_graph(optimizer):
+    """A run resumed with compile=true from an eager run's checkpoint: load_state_dict brings back
+    the eager optimizer's flags (fused off), which the captured step sets again."""
+    eager_model, _, _ = captured_lenet(optimizer)
+    eager = type(eager_model.captured._optimizer)(eager_model.parameters(), lr=0.01)
+    eager_model(torch.randn(4, 1, 28, 28)).sum().backward()
+    eager.step()
+    model, steps, indices = captured_lenet(optimizer)
+    optimizer_ = steps._optimizer
+    optimizer_.load_state_dict(eager.state_dict())
+    assert not optimizer_.param_groups[0]["fused"]
+    steps.indices = None  # prepared again, as on the first step after a resume
+    steps._prepare(indices, optimizer_)
+    assert all(group["fused"] for group in optimizer_.param_groups)
+    assert all(torch.is_tensor(group["lr"]) for group in optimizer_.param_groups)
+    steps(indices)  # the fused step runs on that state
