@@ -14,6 +14,7 @@ interrupt) saves a checkpoint and raises RunInterrupted, which says how to go on
 
 import difflib
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -291,6 +292,12 @@ def composition_error(error: CompactHydraException) -> str:
         where = f"{parent} has" if parent else "the config has"
         if close := difflib.get_close_matches(key, options, n=1, cutoff=0.6):
             return f"{cause.full_key}: no such option; did you mean {parent + '.' if parent else ''}{close[0]}?"
+        if parent == "trainer":  # conf/trainer/ sets a few of the Trainer's arguments; + adds any other
+            added = re.search(r"use (\+\S+)", str(error))  # Hydra's advice names the override with its value
+            return (
+                f"{cause.full_key} is not set in conf/trainer/: a Trainer argument is added with a +, "
+                f"{added.group(1) if added else '+' + str(cause.full_key) + '=...'}"
+            )
         return (
             f"{cause.full_key}: no such option ({where} {', '.join(options)}); python train.py --cfg job "
             "shows the whole config"

@@ -64,9 +64,10 @@ def digit_grid(images: torch.Tensor, titles: list[str], columns: int = 8) -> Ima
 def mistakes_figure(
     images: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor, confidence: torch.Tensor
 ) -> Image.Image:
-    """Misclassified digits titled "predicted (confidence), true label"."""
+    """Misclassified digits titled "predicted (confidence), true label"; the confidence rounded
+    down, so that a mistake never reads 100%."""
     titles = [
-        f"{p} ({c:.0%}), true {t}"
+        f"{p} ({math.floor(c * 100)}%), true {t}"
         for p, t, c in zip(predicted.tolist(), labels.tolist(), confidence.tolist(), strict=True)
     ]
     return digit_grid(images, titles)

@@ -1,5 +1,7 @@
 """The training recipe: seed, build data / model / trainer from config, fit, test the best checkpoint."""
 
+import difflib
+import inspect
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
@@ -9,7 +11,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
@@ -202,6 +204,7 @@ def check_config(cfg: DictConfig) -> None:
             )
     if not isinstance(cfg.compile, bool):
         raise InputError(f"compile must be true or false, got {cfg.compile!r}: pass compile=true or compile=false")
+    check_trainer_arguments(cfg.trainer)
     if "spawn" in str(cfg.trainer.get("strategy", "")):
         raise InputError(
             f"trainer.strategy={cfg.trainer.strategy} is not supported: it trains in processes of its own, where "
@@ -213,6 +216,20 @@ def check_config(cfg: DictConfig) -> None:
         raise InputError(
             "trainer=gpu, but PyTorch sees no CUDA GPU here: use trainer=cpu, or the default, which picks one"
         )
+
+
+def check_trainer_arguments(trainer: DictConfig) -> None:
+    """A trainer.* key that the Trainer does not take (a `+trainer.limit_train_batchs=2`) is
+    refused with the nearest argument it does take, not with the TypeError of its __init__."""
+    with config_errors("trainer"):
+        parameters = inspect.signature(get_class(trainer._target_)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return  # a Trainer of the user's own that takes any keyword
+    for key in trainer:
+        if key != "_target_" and key not in parameters:
+            close = difflib.get_close_matches(str(key), list(parameters), n=1, cutoff=0.6)
+            hint = f"did you mean trainer.{close[0]}?" if close else f"its arguments: {', '.join(parameters)}"
+            raise InputError(f"trainer.{key}: {trainer._target_} takes no such argument; {hint}")
 
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:

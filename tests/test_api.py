@@ -119,6 +119,21 @@ def test_bad_input_raises_the_line_the_command_line_prints(synthetic_dir, tmp_pa
     assert "+trainer.max_epoch" not in capsys.readouterr().err  # not Hydra's advice, which leads to a TypeError
 
 
+def test_a_trainer_argument_that_conf_does_not_set_is_added_with_a_plus_and_a_misspelled_one_is_named(synthetic_dir):
+    with pytest.raises(
+        mnist_lab.InputError,
+        match=r"not set in conf/trainer/: a Trainer argument is added with a \+, "
+        r"\+trainer.limit_val_batches=2$",
+    ):
+        mnist_lab.fit("trainer.limit_val_batches=2")
+    with pytest.raises(
+        mnist_lab.InputError,
+        match=r"^trainer.limit_val_batchs: pytorch_lightning.Trainer takes no such argument; "
+        r"did you mean trainer.limit_val_batches\?$",
+    ):
+        mnist_lab.fit(*smoke_overrides(synthetic_dir, "+trainer.limit_val_batchs=2"))
+
+
 def test_a_configuration_refused_before_training_leaves_nothing_to_resume(synthetic_dir, tmp_path):
     folder = tmp_path / "run"
     with pytest.raises(

@@ -11,6 +11,7 @@ from mnist_lab.figures import (
     curves_figure,
     digit_grid,
     drawing,
+    mistakes_figure,
     plot_curves,
     to_image,
 )
@@ -92,3 +93,10 @@ def test_figures_are_drawn_with_unhinted_text_and_matplotlibs_settings_are_left_
     with drawing():
         assert matplotlib.rcParams["text.hinting"] == "none"
     assert matplotlib.rcParams["text.hinting"] == before
+
+
+def test_a_mistake_made_with_near_certainty_never_reads_100_percent(monkeypatch):
+    drawn = []
+    monkeypatch.setattr("mnist_lab.figures.digit_grid", lambda images, titles: drawn.extend(titles))
+    mistakes_figure(torch.rand(2, 1, 28, 28), torch.tensor([1, 3]), torch.tensor([6, 5]), torch.tensor([0.996, 0.5]))
+    assert drawn == ["1 (99%), true 6", "3 (50%), true 5"]
