@@ -274,7 +274,7 @@ def test_every_model_takes_the_optuna_search_space_or_is_searched_without_what_i
     import torch
     from hydra.utils import instantiate
 
-    from hydra_plugins.mnist_lab_plugins.optuna_sweeper import takes
+    from hydra_plugins.mnist_lab_plugins._optuna import takes
 
     config = make_cfg(f"model={model}", "sweep=optuna")
     assert (
@@ -467,7 +467,7 @@ def test_report_shows_every_declared_key_even_one_all_jobs_share(tmp_path):
 def test_a_search_key_the_model_lacks_is_left_out_with_one_line(caplog):
     from omegaconf import OmegaConf
 
-    from hydra_plugins.mnist_lab_plugins.optuna_sweeper import takes
+    from hydra_plugins.mnist_lab_plugins._optuna import takes
 
     config = OmegaConf.create(
         {"model": {"width": 64}, "optimizer": {"lr": 0.1}, "hydra": {"runtime": {"choices": {"model": "tiny"}}}}

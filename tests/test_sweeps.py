@@ -38,14 +38,14 @@ def rows_of(sweep: Path) -> list[dict]:
     ],
 )
 def test_the_search_space_reads_hydras_sweep_grammar(override, expected):
-    from hydra_plugins.mnist_lab_plugins.optuna_sweeper import search_space
+    from hydra_plugins.mnist_lab_plugins._optuna import search_space
 
     space, fixed = search_space([override, "y=3"])
     assert repr(space["x"]).replace("0.4000000000000001", "0.4") == expected and fixed == ["y=3"]
 
 
 def test_a_later_override_wins_and_a_fixed_value_leaves_the_search():
-    from hydra_plugins.mnist_lab_plugins.optuna_sweeper import search_space
+    from hydra_plugins.mnist_lab_plugins._optuna import search_space
 
     space, fixed = search_space(["a=interval(0, 1)", "b=choice(1, 2)", "a=0.5", "b=choice(3, 4)"])
     assert list(space) == ["b"] and space["b"].choices == (3, 4) and fixed == ["a=0.5"]
@@ -61,6 +61,15 @@ def test_hydra_finds_the_sweeper_and_the_launcher_as_plugins():
 
     assert "hydra_plugins.mnist_lab_plugins.optuna_sweeper.OptunaSweeper" in names(Sweeper)
     assert "hydra_plugins.mnist_lab_plugins.gpu_launcher.GpuLauncher" in names(Launcher)
+
+
+def test_a_run_that_does_not_sweep_with_optuna_imports_no_optuna():
+    """Hydra's plugin scan imports every plugin module on every compose: the sweeper's must not
+    bring Optuna (a tenth of a second, and a warning wherever it is not installed)."""
+    script = "import sys; from tests.conftest import compose_train; compose_train(); print('optuna' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "False"
 
 
 @pytest.mark.slow
