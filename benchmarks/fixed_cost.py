@@ -173,6 +173,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the run, e.g. model=softmax")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data-dir", default=str(default_data_dir()))
+    parser.add_argument("--json", type=Path, help="also write the medians to this JSON file")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--warm", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -240,6 +241,9 @@ def main() -> None:
     print("its phases (median seconds):")
     for label in warm[0]["phases"]:
         print(f"  {statistics.median(w['phases'].get(label, 0.0) for w in warm):6.3f}  {label}")
+    if args.json:
+        figures = {"processes_s": median, "warm_fit_s": wall, "warm_fit_beyond_step_s": beyond}
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":

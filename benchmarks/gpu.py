@@ -18,6 +18,7 @@ code on the CPU, to check the script where there is no GPU.
 
 import argparse
 import itertools
+import json
 import logging
 import statistics
 import tempfile
@@ -136,6 +137,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--data-dir", default=str(default_data_dir()))
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(
@@ -179,7 +181,20 @@ def main() -> None:
     print(
         f"a/b = {sum(lab_times) / sum(plain_times):.2f}; mnist_lab's final test/acc (best checkpoint) "
         f"{metrics['test/acc']:.4f}"
+        + (f"; capture (warm-up and recording) {metrics['capture_time_s']:.2f} s" if cfg.compile else "")
     )
+    if args.json:
+        figures = {
+            "device": name,
+            "batch_size": cfg.data.batch_size,
+            "compile": cfg.compile,
+            "a_epoch_s": lab_times,
+            "b_epoch_s": plain_times,
+            "a/b": sum(lab_times) / sum(plain_times),
+            "test/acc": metrics["test/acc"],
+            "capture_time_s": metrics.get("capture_time_s"),
+        }
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ On this project's 2-core CPU machine, a proxy that runs in minutes:
 
 import argparse
 import csv
+import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,8 +45,10 @@ SWEEP = [
 QUIET = ["callbacks.progress_bar=null", "+trainer.enable_progress_bar=false"]
 
 
-def sweep(folder: Path, args: list[str]) -> tuple[float, dict[str, float]]:
-    """Wall time of `python train.py -m <args>` in `folder`, and val/acc by job."""
+def sweep(folder: Path, args: list[str]) -> tuple[float, dict[str, float], float | None]:
+    """Wall time of `python train.py -m <args>` in `folder`, val/acc by job, and the GPUs' mean
+    utilization meanwhile (percent, sampled by nvidia-smi every half second; None without it)."""
+    sampler = gpu_sampler(folder.with_suffix(".gpu.csv"))
     start = time.perf_counter()
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "-m", *args, f"hydra.sweep.dir={folder}"],
@@ -53,10 +57,25 @@ def sweep(folder: Path, args: list[str]) -> tuple[float, dict[str, float]]:
         text=True,
     )
     seconds = time.perf_counter() - start
+    utilization = None
+    if sampler is not None:
+        sampler.terminate()
+        sampler.wait()
+        samples = [float(v) for v in folder.with_suffix(".gpu.csv").read_text().split() if v.strip()]
+        utilization = statistics.mean(samples) if samples else None
     if result.returncode != 0:
         sys.exit(f"the sweep in {folder} failed:\n{result.stderr[-3000:]}")
     with open(folder / "summary.csv") as f:
-        return seconds, {row["job"]: float(row["val/acc"]) for row in csv.DictReader(f)}
+        return seconds, {row["job"]: float(row["val/acc"]) for row in csv.DictReader(f)}, utilization
+
+
+def gpu_sampler(path: Path) -> subprocess.Popen | None:
+    """nvidia-smi writing every GPU's utilization (percent) to `path` twice a second; None without it."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "500"]
+    return subprocess.Popen(query, stdout=path.open("w"), stderr=subprocess.DEVNULL)
 
 
 def main() -> None:
@@ -64,6 +83,7 @@ def main() -> None:
     parser.add_argument("--jobs-per-gpu", type=int, nargs="+", default=[6])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--data-dir", default=os.environ.get("MNIST_LAB_DATA"))
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     common = [*SWEEP, *QUIET, *([f"data.data_dir={args.data_dir}"] if args.data_dir else []), *args.overrides]
@@ -72,13 +92,20 @@ def main() -> None:
         arms[f"{n} at once"] = ["hydra/launcher=gpus", f"hydra.launcher.jobs_per_gpu={n}", *common]
     print("sweep:", " ".join(common))
     times: dict[str, list[float]] = {arm: [] for arm in arms}
+    utilization: dict[str, list[float]] = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             results = {}
             for i, (arm, arm_args) in enumerate(arms.items()):
-                seconds, results[arm] = sweep(Path(tmp) / f"{repeat}-{i}", arm_args)
+                seconds, results[arm], busy = sweep(Path(tmp) / f"{repeat}-{i}", arm_args)
                 times[arm].append(seconds)
-                print(f"repeat {repeat + 1}: {arm:<12} {seconds:7.1f} s  ({len(results[arm])} jobs)", flush=True)
+                if busy is not None:
+                    utilization[arm].append(busy)
+                print(
+                    f"repeat {repeat + 1}: {arm:<12} {seconds:7.1f} s  ({len(results[arm])} jobs)"
+                    + (f", GPU busy {busy:.0f}% of the time" if busy is not None else ""),
+                    flush=True,
+                )
             print("val/acc by job:", " / ".join(arms))
             for job, value in results["sequential"].items():
                 others = [results[arm].get(job, float("nan")) for arm in list(arms)[1:]]
@@ -96,6 +123,16 @@ def main() -> None:
             if arm != "sequential"
         )
     )
+    if args.json:
+        figures = {
+            arm: {
+                "wall_s": statistics.median(t),
+                "speed-up": sequential / statistics.median(t),
+                "gpu_utilization_percent": statistics.median(utilization[arm]) if utilization[arm] else None,
+            }
+            for arm, t in times.items()
+        }
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":

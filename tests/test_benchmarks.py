@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -189,3 +190,27 @@ def test_demo_latency_prints_the_round_trip_and_server_times(real_checkpoint, re
     lines = result.stdout.splitlines()
     assert lines[0].startswith("5 drawings") and lines[0].endswith("answered 7")
     assert [line.split(":")[0].strip() for line in lines[1:]] == ["round trip", "server"]
+
+
+def test_the_gpu_targets_table_reads_each_steps_figures(tmp_path):
+    """benchmarks/gpu_targets.py, which ends each part of gpu_check.sh: every target, met or not,
+    and those another part measures (or a failed step would have) read "not measured"."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from gpu_targets import table
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    (tmp_path / "gpu-b64.json").write_text(json.dumps({"a/b": 1.1, "capture_time_s": None}))
+    (tmp_path / "gpu-b512.json").write_text(json.dumps({"a/b": 1.3}))
+    (tmp_path / "fast-seed1").mkdir()
+    (tmp_path / "fast-seed1" / "metrics.json").write_text(
+        json.dumps({"test/acc": 0.9912, "epoch_train_time_s": [0.3, 0.25, 0.25, 0.25]})
+    )
+    rows = {row.split(" | ")[0].lstrip("| "): row.split(" | ")[1:] for row in table(tmp_path).splitlines()[2:]}
+    assert rows["gpu.py, batch 64, eager: a/b <= 1.2"] == ["1.1", "yes |"]
+    assert rows["gpu.py, batch 512, eager: a/b <= 1.25"] == ["1.3", "**no** |"]
+    assert rows["experiment=fast seed=1: test/acc >= 0.99"] == ["0.991", "yes |"]
+    assert rows["experiment=fast seed=1: training s <= 1"] == ["1.05", "**no** |"]
+    assert rows["experiment=fast seed=2: test/acc >= 0.99"] == ["not measured", "|"]
+    assert rows["12-job sweep, 6 at once: speed-up >= 3"] == ["not measured", "|"]
+    assert len(rows) == 19
