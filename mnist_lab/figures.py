@@ -1,12 +1,15 @@
 """Figures of a run: test digits with their predictions, the misclassified ones, the confusion
 matrix (into TensorBoard's IMAGES tab, at test time) and the learning curves (curves.png)."""
 
+import functools
 import math
 from pathlib import Path
 
 import matplotlib
+import matplotlib.axes
 import numpy as np
 import torch
+from matplotlib import font_manager
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure  # not pyplot: no backend, no global state, nothing to close
 from PIL import Image, ImageDraw, ImageFont
@@ -43,7 +46,7 @@ def digit_grid(images: torch.Tensor, titles: list[str], columns: int = 8) -> Ima
     training step (benchmarks/fixed_cost.py: the test figures)."""
     n, _, height, width = images.shape
     rows = max(1, -(-n // columns))
-    font = ImageFont.load_default(size=FONT_SIZE)
+    font = text_font(FONT_SIZE)
     # Cells as wide as the widest title, so that titles never run into each other.
     cell_w = max([width * SCALE, *(math.ceil(font.getlength(title)) for title in titles[:n])]) + GAP
     cell_h = height * SCALE + TITLE_ROWS
@@ -73,22 +76,48 @@ def mistakes_figure(
     return digit_grid(images, titles)
 
 
-def confusion_figure(matrix: torch.Tensor) -> Figure:
+def confusion_figure(matrix: torch.Tensor) -> Image.Image:
+    """The confusion matrix as a heatmap, each non-zero cell with its count. matplotlib draws the
+    chart; the counts are drawn onto it with Pillow, in matplotlib's font: as a hundred matplotlib
+    texts they would cost more than the rest of the figure (benchmarks/fixed_cost.py)."""
     fig = Figure(figsize=(5.4, 5))
     ax = fig.subplots()
     ax.imshow(matrix.cpu().numpy(), cmap="Blues")  # no colorbar: every cell prints its count
     n = len(matrix)
     ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true")
     ax.set_title("confusion matrix (test)", y=1.0)  # y given: matplotlib does not measure the ticks to place it
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.1, top=0.93)  # fixed: tight_layout costs as much as drawing
+    image = to_image(fig)  # drawn: the axes now hold their final place, with the aspect applied
+    draw = ImageDraw.Draw(image)
+    font = text_font(round(COUNT_POINTS * fig.dpi / 72))
+    for x, y, text, color in count_labels(ax, matrix, image.height):
+        draw.text((x, y), text, fill=color, font=font, anchor="mm")
+    return image
+
+
+COUNT_POINTS = 7  # the confusion matrix's counts, in points
+
+
+def count_labels(ax: matplotlib.axes.Axes, matrix: torch.Tensor, height: int) -> list[tuple[float, float, str, str]]:
+    """(x, y, count, colour) of each non-zero cell of a drawn heatmap of `matrix` in `ax`, in the
+    pixels of its image (`height` high, from the top left); white on the darker half of the scale."""
+    dark = matrix.max().item() / 2
+    labels = []
     for (i, j), count in zip(
-        torch.cartesian_prod(torch.arange(n), torch.arange(n)).tolist(), matrix.flatten().tolist(), strict=True
+        torch.cartesian_prod(torch.arange(len(matrix)), torch.arange(len(matrix))).tolist(),
+        matrix.flatten().tolist(),
+        strict=True,
     ):
         if count:
-            ax.text(j, i, count, ha="center", va="center", fontsize=7, color="white" if i == j else "black")
-    fig.subplots_adjust(
-        left=0.1, right=0.97, bottom=0.1, top=0.93
-    )  # fixed margins: tight_layout costs as much as the drawing
-    return fig
+            x, y = ax.transData.transform((j, i))  # display pixels, from the bottom left
+            labels.append((float(x), height - float(y), str(count), "white" if count > dark else "black"))
+    return labels
+
+
+@functools.lru_cache(maxsize=4)
+def text_font(pixels: int) -> ImageFont.FreeTypeFont:
+    """matplotlib's own sans-serif font (DejaVu Sans, which ships with it), `pixels` high, for Pillow."""
+    return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), pixels)
 
 
 Mistakes = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # images, predicted, labels, confidence

@@ -1,6 +1,8 @@
 import matplotlib
 import numpy as np
+import pytest
 import torch
+from matplotlib.figure import Figure
 from torch.utils.tensorboard import SummaryWriter
 
 from mnist_lab.figures import (
@@ -8,6 +10,7 @@ from mnist_lab.figures import (
     SCALE,
     TITLE_ROWS,
     confusion_figure,
+    count_labels,
     curves_figure,
     digit_grid,
     drawing,
@@ -50,10 +53,32 @@ def test_a_run_shorter_than_the_logging_interval_shows_its_epochs_training_loss(
     assert plot_curves(tmp_path).stat().st_size > 1000
 
 
-def test_the_confusion_matrix_prints_every_nonzero_count():
+def test_the_confusion_matrix_prints_every_nonzero_count_where_its_cell_is():
     matrix = torch.tensor([[5, 0], [2, 7]])
-    (ax,) = confusion_figure(matrix).axes  # no colorbar beside it: the counts say it
-    assert sorted(text.get_text() for text in ax.texts) == ["2", "5", "7"]
+    fig = Figure(figsize=(5.4, 5))
+    ax = fig.subplots()
+    ax.imshow(matrix.numpy(), cmap="Blues")
+    chart = to_image(fig)
+    labels = count_labels(ax, matrix, chart.height)
+    assert [(text, colour) for _, _, text, colour in labels] == [("5", "white"), ("2", "black"), ("7", "white")]
+    (x5, y5), (x2, y2) = (labels[0][:2], labels[1][:2])
+    assert x2 == pytest.approx(x5) and y2 > y5  # the true label 1 row below row 0, in the same column
+    drawn = np.asarray(confusion_figure(matrix)).astype(int)
+    plain = Figure(figsize=(5.4, 5))
+    ax = plain.subplots()
+    ax.imshow(matrix.numpy(), cmap="Blues")
+    ax.set(xticks=range(2), yticks=range(2), xlabel="predicted", ylabel="true")
+    ax.set_title("confusion matrix (test)", y=1.0)
+    plain.subplots_adjust(left=0.1, right=0.97, bottom=0.1, top=0.93)
+    changed = np.abs(drawn - np.asarray(to_image(plain)).astype(int)).sum(2) > 0
+    ax_labels = count_labels(ax, matrix, drawn.shape[0])
+    for x, y, _, _ in ax_labels:  # ink within a few pixels of each nonzero cell's centre, and only there
+        assert changed[round(y) - 4 : round(y) + 5, round(x) - 4 : round(x) + 5].any()
+    empty_x, empty_y = ax.transData.transform((1, 0))  # the cell of the zero count
+    assert not changed[
+        round(drawn.shape[0] - empty_y) - 10 : round(drawn.shape[0] - empty_y) + 10,
+        round(empty_x) - 10 : round(empty_x) + 10,
+    ].any()
 
 
 def test_digit_grids_show_every_digit_in_its_own_gray_range_under_its_title():
@@ -82,7 +107,7 @@ def test_a_digit_grids_cells_are_as_wide_as_its_longest_title():
 
 
 def test_figures_and_images_become_the_same_kind_of_picture():
-    matrix = to_image(confusion_figure(torch.eye(3, dtype=torch.long)))
+    matrix = confusion_figure(torch.eye(3, dtype=torch.long))
     assert matrix.mode == "RGB" and matrix.size == (540, 500)  # 5.4 x 5 inches at 100 dpi
     grid = digit_grid(torch.rand(1, 1, 28, 28), ["7"])
     assert to_image(grid) is grid
