@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 # What this process started, for mnist_lab.fit and mnist_lab.sweep to hand back (in the order started).
 runs_started: list[Path] = []
 sweep_started: Path | None = None
-OPTUNA_SWEEPER = "hydra_plugins.mnist_lab_plugins.optuna_sweeper.OptunaSweeper"  # conf/hydra/sweeper/optuna.yaml
+OPTUNA_SWEEPER = "hydra_plugins.mnist_lab_plugins.optuna_sweeper.OptunaSweeper"  # hydra/sweeper=optuna
 
 
 def job(cfg: DictConfig) -> float:

@@ -12,14 +12,14 @@ import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep, Transformer
 from hydra.core.plugins import Plugins
-from hydra.core.utils import JobReturn
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from mnist_lab.errors import InputError
+from mnist_lab.errors import InputError, is_number
 from mnist_lab.run_folder import RERUN_FAILED, read_metrics, study_storage
 
 log = logging.getLogger(__name__)
@@ -125,8 +125,12 @@ class OptunaSearch:
 
 def tell(study: optuna.Study, number: int, ret: JobReturn) -> bool:
     """Tell the study how trial `number` ended, from its job's metrics.json (what the report reads):
-    its best val/acc, pruned at the epoch it reached, or failed (False)."""
+    its best val/acc, pruned at the epoch it reached, or failed (False). A job of another Hydra
+    app, which writes no metrics.json, is told by the number its task function returned."""
     metrics = read_metrics(Path(ret.hydra_cfg.hydra.runtime.output_dir)) if ret.hydra_cfg else {}
+    if "status" not in metrics:
+        returned = ret.return_value if ret.status == JobStatus.COMPLETED else None
+        metrics = {"status": "ok", "val/acc": returned} if is_number(returned) else {}
     status, value = metrics.get("status"), metrics.get("val/acc")
     if status == "pruned":
         study.tell(number, state=TrialState.PRUNED)

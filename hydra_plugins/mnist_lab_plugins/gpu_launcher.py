@@ -175,12 +175,12 @@ class Worker:
 
 
 def _pin(gpu: str | None, threads: int) -> None:
-    """In a new worker, before anything starts CUDA: its one GPU, and its share of the cores."""
+    """In a new worker, before anything starts CUDA: its one GPU, and its share of the cores, which
+    torch (and NumPy's BLAS) read from OMP_NUM_THREADS when imported: the worker imports nothing
+    that the app's jobs do not."""
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    import torch
-
-    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def _call(payload: bytes) -> bytes:

@@ -1,6 +1,7 @@
 """sweep=optuna on a current Optuna (>= 4), with pruning: the least of hydra-optuna-sweeper that
 mnist_lab needs, until Hydra releases a plugin for it. Hydra finds it here, in the hydra_plugins
-namespace, and conf/hydra/sweeper/optuna.yaml selects it.
+namespace, with its config (hydra/sweeper=optuna, which sweep=optuna selects) in
+config.py.
 
 - The search space is hydra.sweeper.params and the command line's sweeps, in Hydra's override
   grammar: choice(...), range(...), interval(...), int(interval(...)), tag(log, interval(...));
