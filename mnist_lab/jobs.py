@@ -41,8 +41,16 @@ from mnist_lab.run_folder import (
     record_pruned,
     resume_command,
     study_storage,
+    write_metrics,
 )
-from mnist_lab.sweep_folder import in_sweep, load_jobs, record_sweep_keys, recorded_sweep_keys
+from mnist_lab.sweep_folder import (
+    first_failure,
+    in_sweep,
+    load_jobs,
+    record_first_failure,
+    record_sweep_keys,
+    recorded_sweep_keys,
+)
 
 log = logging.getLogger(__name__)
 # What this process started, for mnist_lab.fit and mnist_lab.sweep to hand back (in the order started).
@@ -68,6 +76,8 @@ def job(cfg: DictConfig) -> float:
             cfg, overrides = resume_config(out_dir, compose_train, cfg.trusted_targets)
         if multirun and (earlier := earlier_attempt(out_dir, cfg.rerun_failed)) is not None:
             return kept(hydra_cfg.job.num, earlier)  # the same sweep again: this job is done
+        if multirun and cfg.fail_fast and (first := first_failure(Path(hydra_cfg.sweep.dir))) is not None:
+            return not_started(out_dir, hydra_cfg.job.num, first)
         if multirun:  # again for each job: a swept trainer (trainer=cpu,ddp_cpu) is not in the sweep's config
             check_multirun_strategy(cfg, hydra_cfg.launcher.get("_target_"))
         # In a sweep, the TensorBoard run is named by the swept values: lr=0.01,batch_size=64.
@@ -91,6 +101,8 @@ def job(cfg: DictConfig) -> float:
             print(f"Stopped by {e.signal_name}; a checkpoint is saved. {how}", file=sys.stderr)
         sys.exit(e.exit_code)
     except Exception as e:  # noqa: BLE001  every failure is recorded; bad input and the machine's get one line
+        if multirun and cfg.get("fail_fast"):
+            record_first_failure(Path(hydra_cfg.sweep.dir), out_dir.name)
         return failed(out_dir, e, multirun)
     if resume_from and in_sweep(out_dir):
         write_report(out_dir.parent)  # a sweep job resumed on its own: the sweep's report catches up
@@ -117,6 +129,14 @@ def kept(job: int, metrics: dict[str, Any]) -> float:
         job,
         metrics.get("error"),
     )
+    return math.nan
+
+
+def not_started(out_dir: Path, job: int, first: str) -> float:
+    """fail_fast=true, after job `first` failed: this job does not start. Its folder says so, and
+    the same sweep again (resume=<sweep folder>) runs it."""
+    write_metrics(out_dir, {"status": "not started", "error": f"fail_fast=true: job {first} failed first"})
+    log.error("Job %d not started: job %s failed and fail_fast=true stops the sweep", job, first)
     return math.nan
 
 
@@ -200,7 +220,14 @@ class SweepReport(Callback):
         if not Path(config.hydra.sweep.dir).is_dir():
             return
         print(f"Sweep report: {write_report(config.hydra.sweep.dir)}")
-        failed_jobs = [job["job"] for job in load_jobs(Path(config.hydra.sweep.dir)) if job.get("status") == "failed"]
+        jobs = load_jobs(Path(config.hydra.sweep.dir))
+        failed_jobs = [job["job"] for job in jobs if job.get("status") == "failed"]
+        if waiting := [job["job"] for job in jobs if job.get("status") == "not started"]:
+            sys.exit(
+                f"Error: {len(failed_jobs)} job(s) failed ({', '.join(failed_jobs)}) and fail_fast=true left "
+                f"{len(waiting)} not started: the same command, or python train.py resume={config.hydra.sweep.dir}, "
+                "runs them"
+            )
         if failed_jobs:
             sys.exit(f"Error: {len(failed_jobs)} job(s) failed ({', '.join(failed_jobs)}): see the report above")
 

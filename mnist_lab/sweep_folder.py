@@ -4,6 +4,7 @@ name of each job's TensorBoard run from them, and the jobs' results as mnist_lab
 them and mnist_lab.sweep hands them back."""
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,31 @@ METRICS = ("val/acc", "test/acc")
 
 
 def record_sweep_keys(config: DictConfig) -> Path:
-    """Write the keys that the multirun of `config` sweeps into its sweep folder's sweep.json."""
+    """Write the keys that the multirun of `config` sweeps into its sweep folder's sweep.json, anew
+    at each attempt at the sweep (an earlier attempt's first failure goes)."""
     sweep_dir = Path(config.hydra.sweep.dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / SWEEP_FILE).write_text(json.dumps({"swept": sweep_keys(config)}, indent=2) + "\n")
     return sweep_dir
+
+
+def record_first_failure(sweep_dir: Path, job: str) -> None:
+    """fail_fast=true: note in sweep.json that `job` failed in this attempt at the sweep (the first
+    to note it stays), for the jobs still to start, in this process or a launcher's others."""
+    path = sweep_dir / SWEEP_FILE
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    if "failed_first" in record:
+        return
+    record["failed_first"] = job
+    partial = path.with_name(f".{SWEEP_FILE}.{os.getpid()}")  # whole or not at all: other jobs read it
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    partial.replace(path)
+
+
+def first_failure(sweep_dir: Path) -> str | None:
+    """The job that failed first in this attempt at the sweep, if fail_fast=true noted one."""
+    path = sweep_dir / SWEEP_FILE
+    return json.loads(path.read_text()).get("failed_first") if path.is_file() else None
 
 
 def in_sweep(folder: Path) -> bool:

@@ -202,6 +202,24 @@ def test_a_failing_job_is_listed_and_the_others_finish(synthetic_dir, tmp_path):
     assert "4 jobs: 3 ok, 1 failed." in (sweep / "summary.md").read_text()
 
 
+def test_fail_fast_stops_a_sweep_at_its_first_failed_job_and_the_same_command_runs_the_rest(synthetic_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    command = ["-m", *smoke_overrides(synthetic_dir, "model=softmax"), "optimizer.lr=0.05,-1,0.1,0.2", "fail_fast=true"]
+    result = run_train(*command, f"hydra.sweep.dir={sweep}", timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr + result.stdout, result.stderr
+    assert result.stderr.rstrip().splitlines()[-1] == (
+        f"Error: 1 job(s) failed (1) and fail_fast=true left 2 not started: the same command, or python "
+        f"train.py resume={sweep}, runs them"
+    )
+    assert [r["status"] for r in rows(sweep)] == ["ok", "failed", "not started", "not started"]
+    assert "4 jobs: 1 ok, 2 not started, 1 failed." in (sweep / "summary.md").read_text()
+    assert not list((sweep / "2").rglob("*.ckpt"))  # it did not train
+    again = run_train(f"resume={sweep}", timeout=300)
+    # The failed job is kept as it ended (rerun_failed=true would run it again); the rest run now.
+    assert [r["status"] for r in rows(sweep)] == ["ok", "failed", "ok", "ok"]
+    assert again.stderr.rstrip().splitlines()[-1] == "Error: 1 job(s) failed (1): see the report above"
+
+
 def hydra_config(*overrides: str, params: dict | None = None):
     from omegaconf import OmegaConf
 
