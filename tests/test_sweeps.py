@@ -146,6 +146,24 @@ def test_a_failed_trial_is_tried_again_only_when_asked(synthetic_dir, tmp_path):
     assert [r["status"] for r in rows_of(sweep)] == ["failed", "failed"]
 
 
+def test_fail_fast_stops_an_optuna_search_at_its_first_failed_trial(synthetic_dir, tmp_path):
+    import optuna
+
+    sweep = tmp_path / "sweep"
+    result = run_train(
+        "-m",
+        "sweep=optuna",
+        "hydra.sweeper.n_trials=4",
+        *smoke_overrides(synthetic_dir, "model=softmax"),
+        "optimizer.lr=choice(-1.0)",
+        "fail_fast=true",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode == 1 and "fail_fast=true stops the search here" in result.stderr + result.stdout
+    study = optuna.load_study(study_name="mnist_lab", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["FAIL"]  # no trial asked for after it
+
+
 @pytest.mark.parametrize(
     "visible, gpus, expected",
     [

@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from mnist_lab.errors import InputError, is_number
 from mnist_lab.run_folder import RERUN_FAILED, read_metrics, study_storage
+from mnist_lab.sweep_folder import first_failure
 
 log = logging.getLogger(__name__)
 _ABSENT = object()
@@ -99,6 +100,9 @@ class OptunaSearch:
                     finished,
                     self.max_failure_rate,
                 )
+                break
+            if self.config.get("fail_fast") and (first := first_failure(sweep_dir)) is not None:
+                log.error("Error: trial %s failed and fail_fast=true stops the search here", first)
                 break
         completed = [t for t in study.trials if t.state == TrialState.COMPLETE]
         if completed:
