@@ -93,26 +93,28 @@ step() {
   [ "$device" = cuda ] && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   "$python" -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__, 'lightning', pl.__version__)"
   if [ "$part" = 1 ]; then
+    # The limits, with the install, add up to 5 minutes; each is about twice the step's expected time.
     for b in 64 512; do
-      lr=(); [ "$b" = 512 ] && lr=(optimizer.lr=0.2)
-      step 100 "gpu.py batch $b" "$python" benchmarks/gpu.py "${gpu[@]}" --json "$results/gpu-b$b.json" -- \
+      lr=(); limit=(65 55); [ "$b" = 512 ] && lr=(optimizer.lr=0.2) && limit=(40 40)
+      step "${limit[0]}" "gpu.py batch $b" "$python" benchmarks/gpu.py "${gpu[@]}" --json "$results/gpu-b$b.json" -- \
         "${gpu_overrides[@]}" "${quiet[@]}" data.batch_size=$b "${lr[@]}"
-      step 100 "gpu.py batch $b compile=true" "$python" benchmarks/gpu.py "${gpu[@]}" \
+      step "${limit[1]}" "gpu.py batch $b compile=true" "$python" benchmarks/gpu.py "${gpu[@]}" \
         --json "$results/gpu-b$b-compile.json" -- "${gpu_overrides[@]}" "${quiet[@]}" data.batch_size=$b "${lr[@]}" compile=true
     done
     for seed in 1 2 3; do
-      step 60 "experiment=fast seed=$seed" "$python" train.py experiment=fast seed=$seed "${quiet[@]}" "${short[@]}" \
+      step 25 "experiment=fast seed=$seed" "$python" train.py experiment=fast seed=$seed "${quiet[@]}" "${short[@]}" \
         hydra.run.dir="$results/fast-seed$seed"
       "$python" -c "import json; m = json.load(open('$results/fast-seed$seed/metrics.json')); print('experiment=fast seed=$seed:', m['test/acc'], 'training s', round(sum(m['epoch_train_time_s']), 3), m['epoch_train_time_s'], 'capture s', m.get('capture_time_s'))" 2>/dev/null
     done
   else
+    # As in part 1, the limits add up to 5 minutes; the sweep writes each arm's figures as it ends.
     start=$(date +%s.%N)
-    step 120 "README's command, the whole process" "$python" train.py model=lenet trainer.max_epochs=5 "${quiet[@]}" \
+    step 60 "README's command, the whole process" "$python" train.py model=lenet trainer.max_epochs=5 "${quiet[@]}" \
       "${short[@]}" hydra.run.dir="$results/readme"
     "$python" -c "print(round($(date +%s.%N) - $start, 2))" > "$results/readme.wall"
     echo "$(cat "$results/readme.wall") s for the whole process"
-    step 100 "fixed_cost.py" "$python" benchmarks/fixed_cost.py --repeats 1 --json "$results/fixed_cost.json"
-    step 240 "the 12-job sweep: sequential, 6 and 12 at once" "$python" benchmarks/sweep_concurrency.py \
+    step 45 "fixed_cost.py" "$python" benchmarks/fixed_cost.py --repeats 1 --json "$results/fixed_cost.json"
+    step 170 "the 12-job sweep: sequential, 6 and 12 at once" "$python" benchmarks/sweep_concurrency.py \
       --json "$results/sweep.json" "${sweep[@]}" -- "${sweep_overrides[@]}"
   fi
   echo; echo "### every GPU target (part $part measures its own; the other part's read 'not measured')"

@@ -69,6 +69,21 @@ def sweep(folder: Path, args: list[str]) -> tuple[float, dict[str, float], float
         return seconds, {row["job"]: float(row["val/acc"]) for row in csv.DictReader(f)}, utilization
 
 
+def write_figures(path: Path, times: dict[str, list[float]], utilization: dict[str, list[float]]) -> None:
+    """Each arm run so far: its median wall time, its speed-up over the sequential one, the GPUs' busy time."""
+    sequential = statistics.median(times["sequential"])
+    figures = {
+        arm: {
+            "wall_s": statistics.median(t),
+            "speed-up": sequential / statistics.median(t),
+            "gpu_utilization_percent": statistics.median(utilization[arm]) if utilization[arm] else None,
+        }
+        for arm, t in times.items()
+        if t
+    }
+    path.write_text(json.dumps(figures, indent=2) + "\n")
+
+
 def gpu_sampler(path: Path) -> subprocess.Popen | None:
     """nvidia-smi writing every GPU's utilization (percent) to `path` twice a second; None without it."""
     if shutil.which("nvidia-smi") is None:
@@ -101,6 +116,8 @@ def main() -> None:
                 times[arm].append(seconds)
                 if busy is not None:
                     utilization[arm].append(busy)
+                if args.json:  # after each arm: a sweep stopped at a time limit keeps the arms it ran
+                    write_figures(args.json, times, utilization)
                 print(
                     f"repeat {repeat + 1}: {arm:<12} {seconds:7.1f} s  ({len(results[arm])} jobs)"
                     + (f", GPU busy {busy:.0f}% of the time" if busy is not None else ""),
@@ -123,16 +140,6 @@ def main() -> None:
             if arm != "sequential"
         )
     )
-    if args.json:
-        figures = {
-            arm: {
-                "wall_s": statistics.median(t),
-                "speed-up": sequential / statistics.median(t),
-                "gpu_utilization_percent": statistics.median(utilization[arm]) if utilization[arm] else None,
-            }
-            for arm, t in times.items()
-        }
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":
