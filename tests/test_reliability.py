@@ -154,11 +154,12 @@ def test_the_stopped_epoch_keeps_its_time_before_the_stop(monkeypatch):
     clock = SimpleNamespace(now=0.0)
     monkeypatch.setattr("mnist_lab.callbacks.time", SimpleNamespace(perf_counter=lambda: clock.now))
     trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"))
+    module = SimpleNamespace(device=torch.device("cpu"))  # no captured step
 
     def at(t: float, timer: EpochTimer, *hooks: str) -> None:
         clock.now = t
         for hook in hooks:
-            getattr(timer, hook)(trainer, None)
+            getattr(timer, hook)(trainer, module)
 
     first = EpochTimer()
     at(0, first, "on_fit_start", "on_train_epoch_start")
