@@ -14,18 +14,25 @@
 # folder. `--device cpu 1` (or 2) runs the same steps, shortened, on a CPU: to check the script.
 #
 # --prepare writes the wheels of what the GPU image lacks into .whl/ (the versions the project's
-# venv runs: .venv/bin/python, or $PYTHON) and a gzip copy of MNIST/raw into .gpu-data/ (both
+# Python runs: $PYTHON, else .venv/bin/python, else an active venv's; --device cpu uses the same) and a gzip copy of MNIST/raw into .gpu-data/ (both
 # git-ignored). On the GPU machine the script installs the wheels into /tmp/site and unpacks the data.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-if [ "${1:-}" = "--prepare" ]; then
-  set -e
-  python="${PYTHON:-.venv/bin/python}"
+# The project's Python, here: $PYTHON, else .venv/bin/python, else the python on PATH (an active venv's).
+project_python() {
+  python="${PYTHON:-}"
+  [ -z "$python" ] && [ -x .venv/bin/python ] && python=.venv/bin/python
+  [ -z "$python" ] && python=$(command -v python || command -v python3)
   if ! "$python" -c "import hydra, omegaconf, mnist_lab" 2>/dev/null; then
-    echo "Error: $python cannot import hydra, omegaconf and mnist_lab: install the project (pip install -e .) in .venv, or set PYTHON=<a python that has it>" >&2
+    echo "Error: $python cannot import hydra, omegaconf and mnist_lab: install the project (pip install -e .) in .venv or an active venv, or set PYTHON=<a python that has it>" >&2
     exit 1
   fi
+}
+
+if [ "${1:-}" = "--prepare" ]; then
+  set -e
+  project_python
   data="${MNIST_LAB_DATA:-$(cd .. && pwd)/shared/datasets}"
   if ! ls "$data"/MNIST/raw/*-ubyte >/dev/null 2>&1; then
     echo "Error: no MNIST/raw/*-ubyte under $data: set MNIST_LAB_DATA to the folder that holds MNIST/raw" >&2
@@ -44,9 +51,9 @@ print(' '.join(f'{name}=={version(name)}' for name in ('hydra-core', 'omegaconf'
 fi
 
 device=cuda
-if [ "${1:-}" = "--device" ]; then device="$2"; shift 2; fi
+if [ "${1:-}" = "--device" ]; then device="${2:-}"; shift; [ $# -gt 0 ] && shift; fi
 part="${1:-}"
-if [ "$part" != 1 ] && [ "$part" != 2 ]; then
+if { [ "$device" != cuda ] && [ "$device" != cpu ]; } || { [ "$part" != 1 ] && [ "$part" != 2 ]; }; then
   echo "usage: bash benchmarks/gpu_check.sh [--prepare | [--device cpu] 1 | [--device cpu] 2]" >&2
   exit 2
 fi
@@ -63,7 +70,7 @@ if [ "$device" = cuda ]; then
   # The figures as measured: 5 epochs of gpu.py, the whole 12-job sweep.
   gpu=(); gpu_overrides=(); short=(); sweep=(--jobs-per-gpu 6 12); sweep_overrides=()
 else
-  python="${PYTHON:-.venv/bin/python}"
+  project_python
   export PYTHONPATH=$PWD
   export MNIST_LAB_DATA="${MNIST_LAB_DATA:-$(cd .. && pwd)/shared/datasets}"
   # A few batches of everything: the steps run, the figures mean nothing.

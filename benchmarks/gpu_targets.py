@@ -60,6 +60,7 @@ TARGETS: list[tuple[str, Reading, str | None, float | None]] = [
     ("gpu.py, batch 64, compile=true: a/b", key("gpu-b64-compile.json", "a/b"), "<", 1.0),
     ("gpu.py, batch 512, compile=true: a/b", key("gpu-b512-compile.json", "a/b"), "<", 1.0),
     ("gpu.py, batch 64, compile=true: capture s", key("gpu-b64-compile.json", "capture_time_s"), None, None),
+    ("gpu.py, batch 512, compile=true: capture s", key("gpu-b512-compile.json", "capture_time_s"), None, None),
     *(
         row
         for seed in (1, 2, 3)

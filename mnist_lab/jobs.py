@@ -222,14 +222,14 @@ class SweepReport(Callback):
         print(f"Sweep report: {write_report(config.hydra.sweep.dir)}")
         jobs = load_jobs(Path(config.hydra.sweep.dir))
         failed_jobs = [job["job"] for job in jobs if job.get("status") == "failed"]
+        which = f"{len(failed_jobs)} job(s) failed (job {', '.join(failed_jobs)})"
         if waiting := [job["job"] for job in jobs if job.get("status") == "not started"]:
             sys.exit(
-                f"Error: {len(failed_jobs)} job(s) failed ({', '.join(failed_jobs)}) and fail_fast=true left "
-                f"{len(waiting)} not started: the same command, or python train.py resume={config.hydra.sweep.dir}, "
-                "runs them"
+                f"Error: {which} and fail_fast=true left {len(waiting)} not started: the same command, or "
+                f"python train.py resume={config.hydra.sweep.dir}, runs them"
             )
         if failed_jobs:
-            sys.exit(f"Error: {len(failed_jobs)} job(s) failed ({', '.join(failed_jobs)}): see the report above")
+            sys.exit(f"Error: {which}: their errors are in the report, summary.md")
 
 
 def check_multirun_strategy(cfg: DictConfig, launcher: str | None) -> None:

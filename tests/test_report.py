@@ -194,7 +194,10 @@ def test_a_failing_job_is_listed_and_the_others_finish(synthetic_dir, tmp_path):
     # It ends with its report and one line, not a traceback.
     assert result.returncode == 1 and "Traceback" not in result.stderr + result.stdout, result.stderr
     assert f"Sweep report: {sweep / 'summary.md'}" in result.stdout
-    assert result.stderr.rstrip().splitlines()[-1] == "Error: 1 job(s) failed (2): see the report above"
+    assert (
+        result.stderr.rstrip().splitlines()[-1]
+        == "Error: 1 job(s) failed (job 2): their errors are in the report, summary.md"
+    )
     assert "Error: optimizer.lr must be > 0" in result.stdout  # the job's own line, in its log
     table = rows(sweep)
     assert [r["status"] for r in table] == ["ok", "ok", "failed", "ok"]
@@ -208,7 +211,7 @@ def test_fail_fast_stops_a_sweep_at_its_first_failed_job_and_the_same_command_ru
     result = run_train(*command, f"hydra.sweep.dir={sweep}", timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr + result.stdout, result.stderr
     assert result.stderr.rstrip().splitlines()[-1] == (
-        f"Error: 1 job(s) failed (1) and fail_fast=true left 2 not started: the same command, or python "
+        f"Error: 1 job(s) failed (job 1) and fail_fast=true left 2 not started: the same command, or python "
         f"train.py resume={sweep}, runs them"
     )
     assert [r["status"] for r in rows(sweep)] == ["ok", "failed", "not started", "not started"]
@@ -217,7 +220,10 @@ def test_fail_fast_stops_a_sweep_at_its_first_failed_job_and_the_same_command_ru
     again = run_train(f"resume={sweep}", timeout=300)
     # The failed job is kept as it ended (rerun_failed=true would run it again); the rest run now.
     assert [r["status"] for r in rows(sweep)] == ["ok", "failed", "ok", "ok"]
-    assert again.stderr.rstrip().splitlines()[-1] == "Error: 1 job(s) failed (1): see the report above"
+    assert (
+        again.stderr.rstrip().splitlines()[-1]
+        == "Error: 1 job(s) failed (job 1): their errors are in the report, summary.md"
+    )
 
 
 def hydra_config(*overrides: str, params: dict | None = None):
@@ -260,7 +266,7 @@ def test_a_sweep_with_a_failed_job_ends_non_zero(tmp_path):
     fake_job(tmp_path, 0, ["optimizer.lr=0.01"], ok(0.97, 0.97))
     fake_job(tmp_path, 1, ["optimizer.lr=50"], {"status": "failed", "error": "InputError: training diverged"})
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
-    with pytest.raises(SystemExit, match=r"1 job\(s\) failed \(1\)"):
+    with pytest.raises(SystemExit, match=r"1 job\(s\) failed \(job 1\)"):
         SweepReport().on_multirun_end(config)
     assert (tmp_path / "summary.md").exists()
     (tmp_path / "1" / "metrics.json").write_text(json.dumps(ok(0.9, 0.9)))

@@ -143,6 +143,9 @@ def test_a_sweep_runs_as_slurm_jobs_and_a_failed_one_is_reported(slurm, syntheti
     assert len(ran) == 2 and all("Test accuracy" in log.read_text() for log in ran), ran
 
     failing = slurm_sweep(synthetic_dir, tmp_path / "failing", "0.05,-1", slurm)
-    assert failing.returncode == 1 and "Error: 1 job(s) failed (1): see the report above" in failing.stderr
+    assert (
+        failing.returncode == 1
+        and "Error: 1 job(s) failed (job 1): their errors are in the report, summary.md" in failing.stderr
+    )
     assert [(r["job"], r["status"]) for r in rows_of(tmp_path / "failing")] == [("0", "ok"), ("1", "failed")]
     assert "optimizer.lr must be > 0" in (tmp_path / "failing" / "summary.md").read_text()

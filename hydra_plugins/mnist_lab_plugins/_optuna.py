@@ -107,7 +107,7 @@ class OptunaSearch:
         completed = [t for t in study.trials if t.state == TrialState.COMPLETE]
         if completed:
             best = study.best_trial
-            log.info("Best trial %d: val/acc %.4f with %s", best.number, best.value, best.params)
+            log.info("Best trial %d: %.4f (%s) with %s", best.number, best.value, self.direction, best.params)
             OmegaConf.save(
                 OmegaConf.create({"name": "optuna", "best_params": best.params, "best_value": best.value}),
                 sweep_dir / "optimization_results.yaml",
