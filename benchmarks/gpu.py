@@ -33,6 +33,7 @@ from epoch_time import test_accuracy, time_to  # the CPU benchmark beside this f
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from mnist_lab.callbacks import synchronize
 from mnist_lab.data import BatchIndices
 from mnist_lab.defaults import default_data_dir
 from mnist_lab.models.base import fast_layout
@@ -41,23 +42,12 @@ from mnist_lab.recipe import run
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class EpochCheck(pl.Callback):
     """(a)'s test accuracy after each epoch, inside the validation window that EpochTimer leaves
-    out, and a GPU synchronization before EpochTimer reads the clock at each epoch's end."""
+    out (EpochTimer waits for the GPU itself before each reading of its clock)."""
 
     def __init__(self) -> None:
         self.accuracies: list[float] = []
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        synchronize(pl_module.device)
-
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        synchronize(pl_module.device)  # the epoch's queued kernels count as training
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:

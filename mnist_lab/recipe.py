@@ -226,7 +226,7 @@ def check_trainer_arguments(trainer: DictConfig) -> None:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return  # a Trainer of the user's own that takes any keyword
     for key in trainer:
-        if key != "_target_" and key not in parameters:
+        if not str(key).startswith("_") and key not in parameters:  # _target_, _convert_: Hydra's own
             close = difflib.get_close_matches(str(key), list(parameters), n=1, cutoff=0.6)
             hint = f"did you mean trainer.{close[0]}?" if close else f"its arguments: {', '.join(parameters)}"
             raise InputError(f"trainer.{key}: {trainer._target_} takes no such argument; {hint}")
