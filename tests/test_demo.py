@@ -5,6 +5,7 @@ test-artifacts/ (or $MNIST_LAB_TEST_ARTIFACTS)."""
 import base64
 import http.client
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -61,16 +62,20 @@ def demo_server(checkpoint: Path, log: Path, *args: str) -> Iterator[str]:
         stop(process)
 
 
+BODY_SECONDS = 2  # the fixture server's --body-timeout
+
+
 @pytest.fixture(scope="module")
-def server(real_checkpoint, tmp_path_factory) -> Iterator[tuple[str, Path]]:
-    """The demo of a LeNet-5 trained for an epoch: (its URL, the checkpoint)."""
+def server(real_checkpoint, tmp_path_factory) -> Iterator[tuple[str, Path, Path]]:
+    """The demo of a LeNet-5 trained for an epoch: (its URL, the checkpoint, its log)."""
     checkpoint, _ = real_checkpoint
-    with demo_server(checkpoint, tmp_path_factory.mktemp("demo") / "demo.log") as url:
-        yield url, checkpoint
+    log = tmp_path_factory.mktemp("demo") / "demo.log"
+    with demo_server(checkpoint, log, "--body-timeout", str(BODY_SECONDS)) as url:
+        yield url, checkpoint, log
 
 
-def post(url: str, body: bytes, content_type: str = "application/octet-stream") -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
+def post(url: str, body: bytes, content_type: str = "application/octet-stream", **headers: str) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type, **headers})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.load(response)
@@ -106,7 +111,7 @@ def test_a_drawn_seven_is_a_seven_and_the_page_shows_what_predict_says(server, r
     from selenium.webdriver.common.actions.pointer_input import PointerInput
     from selenium.webdriver.common.by import By
 
-    url, checkpoint = server
+    url, checkpoint, _ = server
     assert CHROMIUM.exists() and CHROMEDRIVER.exists()
     with chromium(tmp_path / "chromium") as driver:
         driver.get(url)
@@ -169,7 +174,7 @@ def test_a_drawn_seven_is_a_seven_and_the_page_shows_what_predict_says(server, r
 
 
 def test_bad_requests_get_one_line_and_the_page_switches_only_among_listed_models(server, tmp_path):
-    url, checkpoint = server
+    url, checkpoint, _ = server
     for body, error in ((b"", "an empty request"), (b"not an image", "not a format Pillow knows")):
         status, answer = post(f"{url}/api/predict", body)
         assert status == 400 and error in answer["error"] and "\n" not in answer["error"]
@@ -179,7 +184,7 @@ def test_bad_requests_get_one_line_and_the_page_switches_only_among_listed_model
     connection.putheader("Content-Length", str(5 * 2**20))
     connection.endheaders()
     response = connection.getresponse()
-    assert response.status == 400 and "more than 4 MB" in json.load(response)["error"]
+    assert response.status == 413 and "more than 4 MB" in json.load(response)["error"]
     connection.close()
     from PIL import Image
 
@@ -192,11 +197,92 @@ def test_bad_requests_get_one_line_and_the_page_switches_only_among_listed_model
 
     with urllib.request.urlopen(f"{url}/api/models") as response:
         models = json.load(response)
-    assert str(checkpoint.resolve()) in models["models"] and models["current"] == str(checkpoint.resolve())
+    name = f"checkpoints/{checkpoint.name}"  # relative to the folder listed, the run's
+    assert name in models["models"] and models["current"] == name
     status, answer = post(f"{url}/api/model", json.dumps({"model": "/etc/passwd"}).encode(), "application/json")
     assert status == 400 and "is not one of the models" in answer["error"]
     status, answer = post(f"{url}/api/model", json.dumps({"model": models["models"][-1]}).encode(), "application/json")
     assert status == 200 and answer["current"] == models["models"][-1]
+
+
+def raw_request(url: str, head: bytes, body: bytes = b"", close: bool = False) -> bytes:
+    """Send `head` and `body` as they are on one connection; the whole answer (b"" when none came)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        try:
+            connection.sendall(head + b"\r\n\r\n" + body)
+        except (BrokenPipeError, ConnectionResetError):  # refused before all of it was read: the answer is in
+            pass
+        if close:  # the client goes away with its body unsent
+            return b""
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+        return answer
+
+
+def status_and_error(answer: bytes) -> tuple[int, str]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)["error"]
+
+
+def test_only_the_printed_address_and_its_own_page_may_use_the_demo(server):
+    url, checkpoint, _ = server
+    port = url.rsplit(":", 1)[1]
+    name = json.dumps({"model": f"checkpoints/{checkpoint.name}"}).encode()
+    # Another site's page in the user's browser: a simple request, so no preflight stops it.
+    status, answer = post(f"{url}/api/model", name, "text/plain", Origin="http://evil.example")
+    assert status == 403 and "http://evil.example may not use this demo" in answer["error"]
+    # A DNS-rebound name reaches the same address with another Host.
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1:1"):
+        answer = raw_request(url, f"GET /api/models HTTP/1.1\r\nHost: {host}\r\nConnection: close".encode())
+        status, error = status_and_error(answer)
+        assert status == 403 and "is not this demo's address" in error and str(checkpoint) not in answer.decode()
+    # The address printed, and the same machine's other names, with their own page's Origin.
+    for host in ("127.0.0.1", "localhost"):
+        status, answer = post(
+            f"http://{host}:{port}/api/model", name, "application/json", Origin=f"http://{host}:{port}"
+        )
+        assert status == 200, answer
+
+
+def test_every_body_is_bounded_in_size_and_time_and_malformed_json_gets_one_line(server):
+    url, _, log = server
+    for body, error in (
+        (b"{", "the body is not JSON"),
+        (b"[1, 2]", 'send {"model": <one of /api/models>}'),
+        (b'{"model": 3}', 'send {"model": <one of /api/models>}'),
+        (b"[" * 5000 + b"]" * 5000, "the body is not JSON"),  # nested deeper than the parser goes
+    ):
+        status, answer = post(f"{url}/api/model", body, "application/json")
+        assert status == 400 and error in answer["error"] and "\n" not in answer["error"], (body[:20], answer)
+    address = url.removeprefix("http://").encode()
+    declared = b"POST /api/model HTTP/1.1\r\nHost: " + address + b"\r\nContent-Length: 400000000\r\nConnection: close"
+    status, error = status_and_error(raw_request(url, declared))  # 400 MB of spaces to come: refused before
+    assert status == 413 and "of more than 16 kB" in error
+    # Sent without Content-Length, the body is still cut off at the limit.
+    chunked = raw_request(
+        url,
+        b"POST /api/model HTTP/1.1\r\nHost: " + address + b"\r\nTransfer-Encoding: chunked\r\nConnection: close",
+        b"".join(b"4000\r\n" + b" " * 0x4000 + b"\r\n" for _ in range(4)) + b"0\r\n\r\n",
+    )
+    assert status_and_error(chunked)[0] == 413
+    # A body shorter than its Content-Length: refused once --body-timeout has passed, not waited on.
+    head = (
+        f"POST /api/predict HTTP/1.1\r\nHost: {url.removeprefix('http://')}\r\nContent-Length: 1000\r\n"
+        "Connection: close"
+    ).encode()
+    started = time.monotonic()
+    status, error = status_and_error(raw_request(url, head, b"x" * 10))
+    assert status == 408 and f"did not arrive within {BODY_SECONDS} s" in error
+    assert time.monotonic() - started < BODY_SECONDS + 20
+    # A client that goes away mid-body is one line in the log, not a traceback.
+    raw_request(url, head, b"x" * 10, close=True)
+    deadline = time.monotonic() + 20
+    while "went away before its request to /api/predict was read" not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+    assert "Traceback" not in log.read_text()
 
 
 def test_a_bad_checkpoint_gets_predicts_one_line(tmp_path):
@@ -246,12 +332,45 @@ def test_the_menu_switches_to_an_onnx_export_of_the_run(real_checkpoint, real_da
     with demo_server(run / "checkpoints" / checkpoint.name, tmp_path / "demo.log", "--models", str(run)) as url:
         with urllib.request.urlopen(f"{url}/api/models") as response:
             models = json.load(response)["models"]
-        assert str((run / "model.onnx").resolve()) in models
+        assert "model.onnx" in models
         _, by_checkpoint = post(f"{url}/api/predict", seven.read_bytes())
-        status, answer = post(
-            f"{url}/api/model", json.dumps({"model": str((run / "model.onnx").resolve())}).encode(), "application/json"
-        )
+        status, answer = post(f"{url}/api/model", json.dumps({"model": "model.onnx"}).encode(), "application/json")
         assert status == 200, answer
         _, by_onnx = post(f"{url}/api/predict", seven.read_bytes())
-    assert by_onnx["model"].endswith("model.onnx") and by_onnx["digit"] == by_checkpoint["digit"] == 7
+    assert by_onnx["model"] == "model.onnx" and by_onnx["digit"] == by_checkpoint["digit"] == 7
     assert by_onnx["probabilities"] == pytest.approx(by_checkpoint["probabilities"], abs=1e-4)
+
+
+def test_the_menu_lists_a_bounded_tree_by_names_relative_to_its_folder(small_checkpoint, tmp_path, monkeypatch):
+    import os
+
+    from mnist_lab import demo
+
+    root = tmp_path / "outputs"
+    (root / "runs" / "a" / "checkpoints").mkdir(parents=True)
+    (root / "runs" / "a" / "checkpoints" / "best.ckpt").write_bytes(b"")
+    (root / "runs" / "a" / "model.onnx").write_bytes(b"")
+    (root / ".hidden").mkdir()
+    (root / ".hidden" / "secret.ckpt").write_bytes(b"")
+    (root / "venv" / "lib").mkdir(parents=True)
+    (root / "venv" / "pyvenv.cfg").write_text("")
+    (root / "venv" / "lib" / "in_a_venv.ckpt").write_bytes(b"")
+    deep = root.joinpath(*"bcdefghij")
+    deep.mkdir(parents=True)
+    (deep / "too_deep.ckpt").write_bytes(b"")
+    os.utime(root / "runs" / "a" / "model.onnx", (1, 1))  # older: listed after the checkpoint
+    shown = demo.Demo(small_checkpoint, root)
+    assert shown.models() == [str(small_checkpoint), "runs/a/checkpoints/best.ckpt", "runs/a/model.onnx"]
+    (root / "runs" / "new.ckpt").write_bytes(b"")
+    assert "runs/new.ckpt" not in shown.models()  # the listing is reused for a few seconds
+    monkeypatch.setattr(demo, "LISTING_SECONDS", 0.0)
+    assert "runs/new.ckpt" in shown.models()
+    with pytest.raises(demo.InputError, match="is not one of the models"):
+        shown.choose(str(root / "runs" / "a" / "model.onnx"))  # a name of the menu, never a path
+    # However big the tree, one listing reads a bounded number of entries.
+    crowded = root / "crowded"
+    crowded.mkdir()
+    for i in range(300):
+        (crowded / f"{i}.txt").write_bytes(b"")
+    monkeypatch.setattr(demo, "MAX_ENTRIES", 100)
+    assert demo.model_files(root) == []  # stopped in crowded/, read before runs/
