@@ -15,6 +15,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from mnist_lab.callbacks import EpochTimer, Interrupted, TrainingState, skip_idle_step_hooks, stop_on_signals
@@ -25,7 +26,15 @@ from mnist_lab.errors import InputError, config_errors, is_whole
 from mnist_lab.figures import plot_curves
 from mnist_lab.hparams import hparams_of, log_hparams
 from mnist_lab.loggers import build_loggers, finish_loggers, forget_after
-from mnist_lab.run_folder import LAST_CHECKPOINT, METRICS_FILE, ensure_writable, record_finished, record_interrupted
+from mnist_lab.resume import check_run_start
+from mnist_lab.run_folder import (
+    LAST_CHECKPOINT,
+    METRICS_FILE,
+    ensure_writable,
+    holding,
+    record_finished,
+    record_interrupted,
+)
 from mnist_lab.sweep_folder import run_name
 
 log = logging.getLogger(__name__)
@@ -62,8 +71,26 @@ def run(
     line's) join the HPARAMS tab where they can change the results (mnist_lab.hparams.hparams_of);
     `swept` (a sweep's keys) name the TensorBoard run and get HPARAMS' ticked columns; `resume_from`,
     a checkpoint of this run, continues it; `extra_callbacks` join the configured ones (a sweeper's).
-    A signal raises Interrupted after saving a checkpoint."""
+    A signal raises Interrupted after saving a checkpoint. Refused (InputError) when out_dir holds
+    files that are not mnist_lab's, a finished run, or a stopped one not given as `resume_from`, or
+    while another process has it."""
     out_dir = Path(out_dir)
+    if rank_zero_only.rank != 0:  # DDP's other processes train in the first one's folder, which holds it
+        return train(cfg, out_dir, overrides, swept, resume_from, extra_callbacks)
+    check_run_start(out_dir, resume_from is not None)  # before the lock, which would mark the folder as ours
+    with holding(out_dir):
+        return train(cfg, out_dir, overrides, swept, resume_from, extra_callbacks)
+
+
+def train(
+    cfg: DictConfig,
+    out_dir: Path,
+    overrides: Sequence[str],
+    swept: Sequence[str],
+    resume_from: str | Path | None,
+    extra_callbacks: Sequence[pl.Callback],
+) -> dict[str, Any]:
+    """run's work, in a folder it has checked and holds."""
     ensure_writable(out_dir)
     check_config(cfg)
     log.info("torch uses %d CPU threads", torch.get_num_threads())
@@ -123,6 +150,11 @@ def best_checkpoint(cfg: DictConfig, out_dir: Path) -> ModelCheckpoint:
         )
     if best.dirpath is None:
         best.dirpath = str(out_dir / "checkpoints")  # not under the logger's run name
+    elif not Path(best.dirpath).resolve().is_relative_to(out_dir.resolve()):
+        raise InputError(
+            f"callbacks.checkpoint.dirpath={best.dirpath} is outside the run folder {out_dir}: checkpoints stay in "
+            "it (drop that override)"
+        )
     return best
 
 
@@ -246,6 +278,12 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
             loss=cfg.loss,
             _recursive_=False,
             _convert_="all",
+        )
+    classes = len(datamodule.dataset_cls.classes) if hasattr(datamodule, "dataset_cls") else None
+    if classes is not None and model.hparams.get("num_classes", classes) != classes:
+        raise InputError(
+            f"model.num_classes={model.hparams.num_classes}, but {datamodule.dataset_cls.__name__} has {classes} "
+            f"classes: drop that override (the default is {classes})"
         )
     if captured:
         train_set = lambda: (datamodule.train_set.images, datamodule.train_set.labels)  # noqa: E731  once set up

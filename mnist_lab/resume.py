@@ -3,6 +3,7 @@ resume=<sweep folder>, a command run again in its own folder, a sweep's finished
 What a folder may name is asked of mnist_lab.trust; its files are mnist_lab.run_folder's."""
 
 import logging
+import re
 import shlex
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,7 +19,6 @@ from mnist_lab.run_folder import (
     METRICS_FILE,
     OVERRIDES_FILE,
     RERUN_FAILED,
-    SWEEP_FILE,
     SWEEP_FILES,
     check_ours,
     foreign_file,
@@ -30,6 +30,20 @@ from mnist_lab.run_folder import (
 from mnist_lab.trust import is_trusted, targets, trusted_modules
 
 log = logging.getLogger(__name__)
+
+
+MAX_RECORD_BYTES = 2**20  # a run's or sweep's .yaml record: a few kB as mnist_lab writes it
+
+
+def load_record(path: Path) -> Any:
+    """A run's or sweep's YAML record, refused in one line, before it is parsed, when it is far larger
+    than mnist_lab writes one (a crafted file would take minutes and gigabytes to parse)."""
+    if path.is_file() and (size := path.stat().st_size) > MAX_RECORD_BYTES:
+        raise InputError(
+            f"{path} is {size / 2**20:.0f} MB, where mnist_lab writes a few kB: not a record of a run or sweep to go "
+            "on with; start over in a new folder"
+        )
+    return OmegaConf.load(path)
 
 
 def start_over_command(folder: Path) -> str:
@@ -136,15 +150,33 @@ def check_run_folder(folder: Path, config: DictConfig) -> None:
         )
 
 
+def check_run_start(folder: Path, resuming: bool) -> None:
+    """What every route into a run checks (the command line, a sweep's job, mnist_lab.recipe.run from
+    Python) before the run writes into `folder`: nothing there that mnist_lab did not write, no
+    finished run, and no stopped run's checkpoints unless the run goes on from them."""
+    check_ours(folder)
+    if read_metrics(folder).get("status") in ("ok", "pruned"):
+        raise InputError(
+            f"{folder} already holds a finished run ({folder / METRICS_FILE}): pass a new folder, or delete "
+            "that one to run again there"
+        )
+    if not resuming and any((folder / CHECKPOINTS).glob("*.ckpt")):
+        raise InputError(
+            f"{folder} holds a stopped run's checkpoints, which a new run would overwrite: go on with it "
+            f"({resume_command(folder)}; from Python, resume_from={folder / LAST_CHECKPOINT}), or pass a new folder"
+        )
+
+
 def check_sweep_folder(folder: Path, overrides: Sequence[str]) -> None:
     """A new or empty folder, or the folder of the same sweep (the same command line, `overrides`),
     which then goes on: finished jobs are kept, stopped ones resume, the others start."""
-    if not (folder / "multirun.yaml").exists() and not (folder / SWEEP_FILE).exists():
+    if not (folder / "multirun.yaml").exists():  # new, or a sweep that failed before its first job
         check_ours(folder, sweep=True)
         return
+    record = load_record(folder / "multirun.yaml")  # refused in one line when oversized
     try:
-        recorded = list(OmegaConf.select(OmegaConf.load(folder / "multirun.yaml"), "hydra.overrides.task"))
-    except Exception:  # noqa: BLE001  missing, malformed, or not ours
+        recorded = list(OmegaConf.select(record, "hydra.overrides.task"))
+    except Exception:  # noqa: BLE001  malformed, or not ours
         recorded = None
     same = lambda texts: [o for o in texts if not o.startswith(f"{RERUN_FAILED}=")]  # noqa: E731
     if recorded is None or same(recorded) != same(overrides):
@@ -236,14 +268,17 @@ def resumed_sweep_argv(argv: Sequence[str]) -> list[str]:
         str(t) for a in parser.parse_overrides([a for a in rest if a.startswith("trusted_targets=")]) for t in a.value()
     ]
     try:
-        recorded = OmegaConf.load(folder / "multirun.yaml").hydra.overrides
+        recorded = load_record(folder / "multirun.yaml").hydra.overrides
         task, hydra = [str(o) for o in recorded.task], [str(o) for o in recorded.hydra]
         parsed = parser.parse_overrides(task + hydra)
+    except InputError:
+        raise
     except Exception as e:  # noqa: BLE001  unreadable, not ours, or edited into nonsense
         raise InputError(
             f"resume={folder}: its command line ({folder / 'multirun.yaml'}) does not read: {first_line(e)}"
         ) from None
     hydra = [o for o in hydra if not o.startswith(("hydra.mode=", "hydra.sweep.dir="))]
+    check_no_write_paths(folder, task + hydra)
     modules = trusted_modules()
     for override in parsed:
         key = override.get_key_element().lstrip("+~")
@@ -271,13 +306,35 @@ def resumed_sweep_argv(argv: Sequence[str]) -> list[str]:
     return ["-m", *hydra, *task, *(a for a in rest if a.startswith(f"{RERUN_FAILED}=")), f"hydra.sweep.dir={folder}"]
 
 
+# Where a run and its loggers and sweeper write: resume= never takes these from a folder, which may
+# come from anyone (a run's files stay in its folder, its stores where the command line put them).
+WRITE_PATHS = re.compile(
+    r"(logger\.[^.]+\.(name|version|save_dir|tracking_uri|artifact_location)|callbacks\.checkpoint\.dirpath"
+    r"|hydra\.sweeper\.storage)$"
+)
+
+
+def check_no_write_paths(folder: Path, overrides: Sequence[str]) -> None:
+    """Refuse a folder's recorded overrides that would move where the resumed run writes."""
+    for override in overrides:
+        key = override.lstrip("+~").partition("=")[0]
+        if WRITE_PATHS.match(key) and not override.endswith(("=null", "=None")):
+            raise InputError(
+                f"resume={folder}: its command sets {key}, where files are written, which resume= does not take from a "
+                f"folder that may come from anyone: if it is yours, run its command yourself with "
+                f"hydra.{'sweep' if (folder / 'multirun.yaml').is_file() else 'run'}.dir={shlex.quote(str(folder))}"
+            )
+
+
 def resume_config(
     folder: Path, compose: Callable[[list[str]], DictConfig], trusted: Sequence[str] = ()
 ) -> tuple[DictConfig, list[str]]:
     """The configuration of the run in `folder`, rebuilt by `compose` from conf/ and the overrides it
     was started with, and those overrides. Its .hydra/ is data, never code: a _target_ outside
-    a module that conf/ does not name is refused unless `trusted` names it."""
+    a module that conf/ does not name is refused unless `trusted` names it, and so is a setting
+    that would move where the run writes."""
     overrides = _recorded_overrides(folder)
+    check_no_write_paths(folder, overrides)
     try:
         cfg = compose(overrides)
     except Exception as e:  # noqa: BLE001  Hydra's errors for an override that no longer composes
@@ -303,7 +360,9 @@ def resume_config(
 
 def _recorded_overrides(folder: Path) -> list[str]:
     try:
-        overrides = OmegaConf.load(folder / OVERRIDES_FILE)
+        overrides = load_record(folder / OVERRIDES_FILE)
+    except InputError:
+        raise
     except Exception:  # noqa: BLE001  YAML's or OmegaConf's errors, or an unreadable file
         overrides = None
     if not OmegaConf.is_list(overrides) or not all(isinstance(o, str) for o in overrides):
@@ -314,7 +373,9 @@ def _recorded_overrides(folder: Path) -> list[str]:
 def _recorded_config(folder: Path) -> dict[str, Any]:
     """The run's .hydra/config.yaml as plain data (never resolved: its values are only compared)."""
     try:
-        config = OmegaConf.to_container(OmegaConf.load(folder / CONFIG_FILE))
+        config = OmegaConf.to_container(load_record(folder / CONFIG_FILE))
+    except InputError:
+        raise
     except Exception:  # noqa: BLE001  YAML's or OmegaConf's errors, or an unreadable file
         config = None
     if not isinstance(config, dict) or not config:

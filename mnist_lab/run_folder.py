@@ -17,7 +17,9 @@ import json
 import logging
 import os
 import shlex
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -76,7 +78,8 @@ RERUN_FAILED = "rerun_failed"  # the config key that has a resumed sweep run its
 CONF_DIR = Path(__file__).parent / "conf"
 
 log = logging.getLogger(__name__)
-_held_locks: list[IO[str]] = []  # open for the life of the process: the lock goes with it, even on SIGKILL
+# Open while held: a lock goes with its process, even on SIGKILL. By resolved folder.
+_held_locks: dict[Path, IO[str]] = {}
 
 
 RUN_DIR_FIX = (
@@ -95,31 +98,60 @@ def ensure_writable(folder: Path, fix: str = RUN_DIR_FIX) -> None:
         raise InputError(f"cannot write to the output folder {folder} ({e.strerror}): {fix}") from None
 
 
-def claim(folder: Path) -> None:
-    """Lock `folder` for this process, or refuse: two runs must never write into one folder."""
+def claim(folder: Path, wait_s: float = 0.0) -> bool:
+    """Lock `folder` for this process, or refuse: two processes must never write into one folder.
+    Waits up to `wait_s` for another process to let go (an earlier attempt's job, stopping). True
+    when this call took the lock; False when this process held it already."""
+    key = folder.resolve()
+    if key in _held_locks:
+        return False
     folder.mkdir(parents=True, exist_ok=True)
     lock = open(folder / LOCK_FILE, "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        owner = lock.read().strip() or "?"
-        lock.close()
-        raise InputError(
-            f"{folder} is in use by another run (process {owner}): wait for it to end, or pass another "
-            "folder with hydra.run.dir=... (hydra.sweep.dir=... for -m)"
-        ) from None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            lock.seek(0)
+            owner = lock.read().strip() or "?"
+            lock.close()
+            raise InputError(
+                f"{folder} is in use by another run (process {owner}): wait for it to end, or pass another "
+                "folder with hydra.run.dir=... (hydra.sweep.dir=... for -m)"
+            ) from None
     lock.truncate(0)
     lock.write(f"{os.getpid()}\n")
     lock.flush()
-    _held_locks.append(lock)
+    _held_locks[key] = lock
+    return True
+
+
+def release(folder: Path) -> None:
+    """Unlock `folder`, if this process holds it."""
+    if (lock := _held_locks.pop(folder.resolve(), None)) is not None:
+        lock.close()
+
+
+@contextmanager
+def holding(folder: Path, wait_s: float = 0.0) -> Iterator[None]:
+    """`folder` locked for this process while the block runs (and after, if it was held before)."""
+    claimed = claim(folder, wait_s)
+    try:
+        yield
+    finally:
+        if claimed:
+            release(folder)
 
 
 def release_locks() -> None:
     """Unlock every folder this process claimed: its runs are over (mnist_lab.fit's next call may
     go on in the same folder)."""
     while _held_locks:
-        _held_locks.pop().close()
+        _held_locks.popitem()[1].close()
 
 
 def foreign_file(folder: Path, sweep: bool = False) -> Path | None:
@@ -127,8 +159,8 @@ def foreign_file(folder: Path, sweep: bool = False) -> Path | None:
     the lock (or, for a sweep's job, Hydra's .hydra/hydra.yaml), and hold only what mnist_lab
     writes: files with the same names in a folder without the mark are someone else's."""
     entries = sorted(folder.iterdir()) if folder.is_dir() else []
-    if sweep:  # a new sweep's folder: empty but for the lock of a sweep that never started
-        return next((e for e in entries if e.name not in (LOCK_FILE, ".write_test")), None)
+    if sweep:  # a new sweep's folder: empty but for the lock and record of a sweep that never started a job
+        return next((e for e in entries if e.name not in (LOCK_FILE, ".write_test", SWEEP_FILE)), None)
     if entries and not ((folder / LOCK_FILE).is_file() or (folder / ".hydra" / "hydra.yaml").is_file()):
         return entries[0]
     for entry in entries:
@@ -157,6 +189,33 @@ def check_ours(folder: Path, sweep: bool = False) -> None:
         )
 
 
+# The stores that a run or sweep may keep outside its folder, in a folder they share (several runs'
+# MLflow database, a study's SQLite file), beside mnist_lab's run and sweep folders.
+STORE_FILES = (MLFLOW_STORE, f"{MLFLOW_STORE}-*", MLFLOW_ARTIFACTS, STUDY_FILE, f"{STUDY_FILE}-*")
+
+
+def check_store_path(path: Path, option: str, inside: Sequence[Path]) -> None:
+    """Refuse a store file that `option` (a logger's tracking_uri, the sweeper's storage) puts
+    outside the run and sweep folders `inside`, unless the folder it goes in is new or mnist_lab's
+    own: holding nothing but such stores and run or sweep folders. A user's files are never mixed with."""
+    target = path.expanduser().resolve()
+    if any(target.is_relative_to(folder.resolve()) for folder in inside):
+        return
+    folder = target.parent
+    entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    ours = lambda e: matches(e.name, STORE_FILES) or (e.is_dir() and mnist_lab_folder(e))  # noqa: E731
+    if (found := next((e for e in entries if not ours(e)), None)) is not None:
+        raise InputError(
+            f"{option} puts {target.name} in {folder}, which holds {found.name}, not mnist_lab's: mnist_lab writes "
+            f"only into new folders or its own; give a path in a new folder, or leave {option} unset"
+        )
+
+
+def mnist_lab_folder(folder: Path) -> bool:
+    """Whether `folder` is a run or sweep folder that mnist_lab wrote (its lock or Hydra's record)."""
+    return any((folder / name).exists() for name in (LOCK_FILE, ".hydra", "multirun.yaml"))
+
+
 def read_metrics(folder: Path) -> dict[str, Any]:
     """A run folder's metrics.json; empty if it has none (a run killed outright) or it is unreadable."""
     try:
@@ -175,8 +234,9 @@ def record_finished(folder: Path, metrics: dict[str, Any]) -> None:
     write_metrics(folder, {**metrics, "status": "ok"})
 
 
-def record_interrupted(folder: Path, signal_name: str, step: int) -> None:
-    """metrics.json says the run was stopped, where, and how to go on."""
+def record_interrupted(folder: Path, signal_name: str, step: int | None) -> None:
+    """metrics.json says the run was stopped, by what, where (None: not known, as for a process
+    killed outright), and how to go on."""
     checkpoint = (folder / LAST_CHECKPOINT).is_file()
     write_metrics(
         folder,

@@ -3,6 +3,8 @@ metrics, the hyperparameters, the figures as MLflow artifacts; a resumed run goe
 
 import csv
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -150,3 +152,87 @@ def test_a_tracking_uri_given_is_used_instead_of_the_run_folder(synthetic_dir, t
     assert mlflow_run.info.status == "FINISHED" and not (tmp_path / "run" / "mlflow.db").exists()
     assert "curves.png" in artifacts(client, mlflow_run.info.run_id)
     assert (tmp_path / "mlartifacts").is_dir() and not (ROOT / "mlruns").exists()  # beside the store, not in the cwd
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["logger=csv", "logger.csv.name=/tmp/elsewhere"],
+        ["logger=csv", "logger.csv.version=../../x"],
+        ["logger.tensorboard.name=../.."],
+    ],
+)
+def test_tensorboard_and_csv_write_only_inside_the_run_folder(overrides, make_cfg, tmp_path):
+    from mnist_lab.loggers import build_loggers
+
+    with pytest.raises(InputError, match="outside the run folder"):
+        build_loggers(make_cfg(*overrides), tmp_path / "run", {}, "run")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture
+def mlflow_env(monkeypatch):
+    """MLflow's settings as a user's shell has them: none of mnist_lab's defaults yet."""
+    pytest.importorskip("mlflow")
+    from mnist_lab.loggers import MLFLOW_DEFAULTS
+
+    for variable in MLFLOW_DEFAULTS:
+        monkeypatch.delenv(variable, raising=False)
+    return monkeypatch
+
+
+def test_an_mlflow_store_goes_only_into_a_new_folder_or_mnist_labs_own(make_cfg, tmp_path, mlflow_env):
+    from mnist_lab.loggers import build_loggers
+
+    run = tmp_path / "outputs" / "run"
+    run.mkdir(parents=True)
+    (run / ".lock").write_text("")
+    users = tmp_path / "home"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    for uri, error in (
+        ("sqlite://", "keeps the run's metrics in memory"),
+        ("sqlite:///:memory:", "keeps the run's metrics in memory"),
+        (f"sqlite:///{users}/mlflow.db", f"in {users}, which holds notes.txt, not mnist_lab's"),
+        (f"file:{users}", "give sqlite:///<path>/mlflow.db"),
+    ):
+        with pytest.raises(InputError, match=re.escape(error)):
+            build_loggers(make_cfg("logger=mlflow", f"logger.mlflow.tracking_uri='{uri}'"), run, {}, "run")
+    assert sorted(p.name for p in users.iterdir()) == ["notes.txt"]
+    with pytest.raises(InputError, match="logger.mlflow.artifact_location puts"):
+        build_loggers(make_cfg("logger=mlflow", f"+logger.mlflow.artifact_location={users}/art"), run, {}, "run")
+    # Beside the runs in their outputs/ folder, or in a new one: a store several runs share.
+    for store in (tmp_path / "outputs" / "mlflow.db", tmp_path / "new" / "mlflow.db"):
+        (logger,) = build_loggers(
+            make_cfg("logger=mlflow", f"logger.mlflow.tracking_uri=sqlite:///{store}"), run, {}, "r"
+        )[1:]
+        assert store.is_file() and logger.run_id
+
+
+def test_mlflow_does_not_phone_home_or_wait_on_a_server_that_does_not_answer(make_cfg, tmp_path, mlflow_env):
+    import socket
+
+    from mnist_lab.loggers import build_loggers
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(InputError, match=rf"MLflow's store at http://127.0.0.1:{port} does not answer"):
+        build_loggers(
+            make_cfg("logger=mlflow", f"logger.mlflow.tracking_uri=http://127.0.0.1:{port}"), tmp_path, {}, "r"
+        )
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true" and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"
+    mlflow_env.setenv("MLFLOW_DISABLE_TELEMETRY", "false")  # the user's own choice stands
+    build_loggers(make_cfg("logger=mlflow"), tmp_path / "run", {}, "r")
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "false"
+
+
+def test_a_resumed_run_whose_mlflow_run_is_gone_logs_to_a_new_one_and_says_so(make_cfg, tmp_path, mlflow_env, caplog):
+    from mnist_lab.loggers import build_loggers
+
+    (logger,) = build_loggers(make_cfg("logger=mlflow"), tmp_path, {}, "run", mlflow_run_id="0123456789abcdef")[1:]
+    assert logger.run_id != "0123456789abcdef"
+    assert (
+        "The MLflow run 0123456789abcdef is not in sqlite:///" in caplog.text
+        and "logs to a new MLflow run" in caplog.text
+    )

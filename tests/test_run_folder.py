@@ -324,6 +324,9 @@ def test_a_sweep_killed_halfway_goes_on_with_resume_and_reports_the_same_best_jo
         (("hydra", "hydra.job_logging.root.level=DEBUG"), "sets hydra.job_logging.root.level"),
         (("hydra", "hydra.sweeper.sampler._target_=os.system"), "names os.system as a _target_"),
         (("hydra", "hydra.launcher.setup=[touch /tmp/x]"), "sets hydra.launcher.setup"),
+        (("hydra", "hydra.sweeper.storage=sqlite:////home/me/my.db"), "sets hydra.sweeper.storage, where files are"),
+        (("task", "logger.csv.name=/home/me"), "sets logger.csv.name, where files are written"),
+        (("task", "logger.mlflow.tracking_uri=sqlite:////x.db"), "sets logger.mlflow.tracking_uri, where files"),
     ],
 )
 def test_a_sweep_folder_cannot_run_code_through_resume(edit, refused, tmp_path):
@@ -378,3 +381,78 @@ def test_a_failed_job_reruns_only_when_asked_and_another_sweep_is_refused(synthe
     assert (sweep / "1" / "metrics.json").stat().st_mtime_ns != failed  # it ran (and failed) again
     other = single_error(run_train(*args[:-2], "optimizer.lr=0.1,0.2", f"hydra.sweep.dir={sweep}"))
     assert "already holds another sweep" in other
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["+logger.csv.name=/home/me", "logger.tensorboard.version=../../x", "+callbacks.checkpoint.dirpath=/tmp/x"],
+)
+def test_a_run_folder_cannot_move_where_its_resumed_run_writes(override, finished_run, tmp_path):
+    folder = killed_copy(finished_run, tmp_path / "run")
+    overrides = OmegaConf.load(folder / ".hydra" / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create([*overrides, override]), folder / ".hydra" / "overrides.yaml")
+    key = override.lstrip("+").partition("=")[0]
+    with pytest.raises(InputError, match=f"sets {key}, where files are written, which resume= does not take"):
+        resume_config(folder, lambda o: compose("train", o))
+    assert f"hydra.run.dir={folder}" in str(pytest.raises(InputError, resume_config, folder, None).value)
+
+
+def test_every_route_into_a_run_checks_its_folder_first(synthetic_dir, finished_run, make_cfg, tmp_path):
+    from mnist_lab.recipe import run
+
+    cfg = make_cfg(*smoke_overrides(synthetic_dir, "model=softmax"))
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "metrics.json").write_text('{"mine": 1}')  # a name mnist_lab writes, in a folder it did not
+    with pytest.raises(InputError, match="holds metrics.json, which mnist_lab did not write"):
+        run(cfg, users)
+    assert sorted(p.name for p in users.iterdir()) == ["metrics.json"]  # no lock, nothing else
+    with pytest.raises(InputError, match="already holds a finished run"):
+        run(cfg, finished_run)
+    stopped = killed_copy(finished_run, tmp_path / "stopped")
+    with pytest.raises(InputError, match="holds a stopped run's checkpoints, which a new run would overwrite"):
+        run(cfg, stopped)
+    # Another process holds the folder, as a running train.py does.
+    busy = tmp_path / "busy"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from mnist_lab.run_folder import claim; "
+            f"claim(Path({str(busy)!r})); print('held', flush=True); time.sleep(60)",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(InputError, match=rf"{busy} is in use by another run \(process {holder.pid}\)"):
+            run(cfg, busy)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (busy / "checkpoints").exists()
+
+
+def test_oversized_or_damaged_records_get_one_line_promptly(tmp_path, make_cfg):
+    import csv as csv_module
+
+    from mnist_lab.loggers import build_loggers, forget_after
+    from mnist_lab.resume import check_sweep_folder
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text("hydra:\n  overrides:\n    task: [" + "a, " * 1_000_000 + "]\n")
+    for check in (lambda: check_sweep_folder(sweep, []), lambda: resumed_sweep_argv([f"resume={sweep}"])):
+        with pytest.raises(InputError, match=r"multirun.yaml is 3 MB, where mnist_lab writes a few kB"):
+            check()
+    # A damaged CSV log: the resumed run's CSV starts again, the damaged file kept beside it.
+    run_dir = tmp_path / "run"
+    (run_dir / "csv").mkdir(parents=True)
+    (run_dir / "csv" / "metrics.csv").write_text("step,train/loss\nnot a step,1\n")
+    loggers = build_loggers(make_cfg("logger=csv"), run_dir, {}, "run")
+    forget_after(loggers, 5)
+    assert (run_dir / "csv" / "metrics.csv.damaged").read_text() == "step,train/loss\nnot a step,1\n"
+    fresh = run_dir / "csv" / "metrics.csv"
+    assert not fresh.exists() or list(csv_module.DictReader(fresh.open())) == []  # no row of the damaged file
