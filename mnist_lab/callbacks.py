@@ -378,8 +378,9 @@ class TrainingState(Checkpoint):
             self._watch_steps(self.signal_name is not None or trainer.received_sigterm)
 
     def stop_signal(self, signal_name: str) -> None:
-        """Stop at the end of the current training batch, with a checkpoint of that point."""
-        self.signal_name = signal_name
+        """Stop at the end of the current training batch, with a checkpoint of that point. The first
+        signal names the stop (a sweep's launcher passes SIGTERM on to jobs that had Ctrl-C too)."""
+        self.signal_name = self.signal_name or signal_name
         self._watch_steps(True)
 
     def _watch_steps(self, on: bool) -> None:

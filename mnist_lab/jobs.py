@@ -39,6 +39,7 @@ from mnist_lab.run_folder import (
     claim,
     ensure_writable,
     record_pruned,
+    release,
     resume_command,
     study_storage,
     write_metrics,
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 runs_started: list[Path] = []
 sweep_started: Path | None = None
 OPTUNA_SWEEPER = "hydra_plugins.mnist_lab_plugins.optuna_sweeper.OptunaSweeper"  # hydra/sweeper=optuna
+JOB_FOLDER_WAIT_S = 90.0  # longer than an orphaned launcher worker takes to stop (its STOP_GRACE_S)
 
 
 def job(cfg: DictConfig) -> float:
@@ -71,6 +73,22 @@ def job(cfg: DictConfig) -> float:
     overrides = list(hydra_cfg.overrides.task)
     if multirun and (gpus := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
         log.info("Job %d sees GPU %s (CUDA_VISIBLE_DEVICES)", hydra_cfg.job.num, gpus)  # hydra/launcher=gpus pins it
+    if not multirun or rank_zero_only.rank != 0:  # CheckOutputDir holds a run's folder; rank 0 a DDP job's
+        return attempt(cfg, hydra_cfg, out_dir, overrides, multirun)
+    try:  # an earlier attempt's job, stopping, may still hold this folder for a few seconds
+        claimed = claim(out_dir, wait_s=JOB_FOLDER_WAIT_S)
+    except InputError as e:
+        log.error("Error: job %d not started: %s", hydra_cfg.job.num, e)
+        return math.nan
+    try:
+        return attempt(cfg, hydra_cfg, out_dir, overrides, multirun)
+    finally:
+        if claimed:
+            release(out_dir)
+
+
+def attempt(cfg: DictConfig, hydra_cfg: DictConfig, out_dir: Path, overrides: list[str], multirun: bool) -> float:
+    """job's work, in the folder it holds."""
     try:
         if cfg.resume:  # the run's own settings, rebuilt from conf/ and the overrides it was started with
             cfg, overrides = resume_config(out_dir, compose_train, cfg.trusted_targets)
@@ -230,6 +248,11 @@ class SweepReport(Callback):
             )
         if failed_jobs:
             sys.exit(f"Error: {which}: their errors are in the report, summary.md")
+        if stopped := [job["job"] for job in jobs if job.get("status") == "interrupted"]:
+            sys.exit(
+                f"Error: {len(stopped)} job(s) stopped before they finished (job {', '.join(stopped)}): the same "
+                f"command, or python train.py resume={config.hydra.sweep.dir}, goes on from their last checkpoint"
+            )
 
 
 def check_multirun_strategy(cfg: DictConfig, launcher: str | None) -> None:

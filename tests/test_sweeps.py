@@ -4,9 +4,11 @@ the launcher that runs several jobs at once, each pinned to a GPU."""
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -275,7 +277,9 @@ def test_ctrl_c_stops_the_jobs_at_once_with_checkpoints_and_resume_finishes_the_
     assert all("resumed_from_step" in json.loads((sweep / job / "metrics.json").read_text()) for job in "01")
 
 
-@pytest.mark.parametrize("setting", ["hydra.launcher.jobs_per_gpu=0", "hydra.launcher.gpus=[7]"])
+@pytest.mark.parametrize(
+    "setting", ["hydra.launcher.jobs_per_gpu=0", "hydra.launcher.jobs_per_gpu=1000000000", "hydra.launcher.gpus=[7]"]
+)
 def test_a_bad_launcher_setting_is_refused_in_one_line_before_any_job(setting, synthetic_dir, tmp_path):
     error = single_error(
         run_train(
@@ -288,3 +292,181 @@ def test_a_bad_launcher_setting_is_refused_in_one_line_before_any_job(setting, s
         )
     )
     assert setting.split("=")[0] in error and not (tmp_path / "s" / "0").exists()
+
+
+def worker_of(job: Path, proc: subprocess.Popen) -> int:
+    """The pid of the process running `job`: the one that holds its folder's lock."""
+    wait_for(job / "checkpoints" / "last.ckpt", proc)
+    return int((job / ".lock").read_text())
+
+
+def gone(pid: int, timeout: float = 30) -> bool:
+    """Whether process `pid` has ended (or is a zombie: ended, not yet reaped) within `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def launcher_sweep(synthetic_dir: Path, sweep: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        "hydra/launcher=gpus",
+        "hydra.launcher.gpus=[]",
+        "hydra.launcher.jobs_per_gpu=2",
+        *smoke_overrides(synthetic_dir, "model=softmax", "trainer.max_epochs=40"),
+        *extra,
+        f"hydra.sweep.dir={sweep}",
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_stopping_a_launcher_sweep_stops_its_workers_and_the_same_command_finishes_it(stop, synthetic_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = launcher_sweep(synthetic_dir, sweep, "optimizer.lr=0.05,0.1,0.2")
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = [worker_of(sweep / job, proc) for job in ("0", "1")]
+    proc.send_signal(stop)  # the sweep's process alone, as `kill` does: not its workers
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -9}[stop], stderr
+    assert all(gone(pid) for pid in workers), workers  # no worker trains on into the folders
+    # Each job saved its checkpoint and says how to go on, as a run stopped on its own does.
+    assert [json.loads((sweep / job / "metrics.json").read_text())["status"] for job in "01"] == ["interrupted"] * 2
+    if stop != signal.SIGKILL:
+        assert "Traceback" not in stderr and stderr.count(f"python train.py resume={sweep}\n") == 2, stderr
+        return
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert [(r["job"], r["status"], r["epochs"]) for r in rows_of(sweep)] == [(j, "ok", "40") for j in "012"]
+    for job in "012":  # one process trained each job: one test, one set of checkpoints
+        assert (sweep / job / "train.log").read_text().count("Test accuracy") == 1
+        assert not list((sweep / job / "checkpoints").glob("*-v1.ckpt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("search", ["grid", "optuna"])
+def test_a_killed_worker_leaves_its_job_stopped_and_reported_and_the_same_command_finishes_it(
+    search, synthetic_dir, tmp_path
+):
+    sweep = tmp_path / "sweep"
+    searched = (
+        ["optimizer.lr=0.05,0.1,0.2"]
+        if search == "grid"
+        else [
+            "sweep=optuna",
+            "hydra.sweeper.n_trials=3",
+            "hydra.sweeper.n_jobs=2",
+            "hydra/sweeper/pruner=none",
+            "hydra.sweeper.params={optimizer.lr: 'interval(0.05, 0.2)'}",
+        ]
+    )
+    args = launcher_sweep(synthetic_dir, sweep, *searched)
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.kill(worker_of(sweep / "0", proc), signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in stderr and "Error executing job" not in stderr, stderr
+    assert "job 0's process died before it finished" in stdout and f"Sweep report: {sweep}" in stdout
+    assert "job(s) stopped before they finished (job 0)" in stderr.strip().splitlines()[-1]
+    assert [r["status"] for r in rows_of(sweep)] == ["interrupted", "ok", "ok"]
+    assert "1 interrupted" in (sweep / "summary.md").read_text()
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert [(r["job"], r["status"]) for r in rows_of(sweep)] == [(j, "ok") for j in "012"]
+    assert "resumed_from_step" in json.loads((sweep / "0" / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("n_trials", 0, "hydra.sweeper.n_trials=0: give a whole number of at least 1"),
+        ("n_jobs", 2.5, "hydra.sweeper.n_jobs=2.5: give a whole number"),
+        ("max_failure_rate", 1.5, "hydra.sweeper.max_failure_rate=1.5: give a fraction from 0"),
+        ("max_failure_rate", float("nan"), "hydra.sweeper.max_failure_rate=nan"),
+        ("direction", "up", "hydra.sweeper.direction=up: give maximize"),
+        ("study_name", " ", "hydra.sweeper.study_name=' ': give a name"),
+    ],
+)
+def test_each_sweeper_setting_is_refused_in_one_line(option, value, message):
+    from hydra_plugins.mnist_lab_plugins._optuna import OptunaSearch
+    from mnist_lab.errors import InputError
+
+    options = dict(
+        sampler={},
+        pruner={},
+        direction="maximize",
+        storage=None,
+        study_name="s",
+        n_trials=2,
+        n_jobs=1,
+        max_failure_rate=1.0,
+    )
+    with pytest.raises(InputError, match=re.escape(message)):
+        OptunaSearch(**{**options, option: value})
+
+
+@pytest.mark.slow
+def test_a_study_that_no_longer_matches_its_sweep_folder_is_refused_and_a_refused_sweep_leaves_its_folder(
+    synthetic_dir, tmp_path
+):
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m",
+        "sweep=optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.seed=null",
+        "hydra.sweeper.params={optimizer.lr: 'interval(0.01, 0.2)'}",
+        *smoke_overrides(synthetic_dir, "model=softmax"),
+        f"hydra.sweep.dir={sweep}",
+    ]
+    users = tmp_path / "home"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    # Refused before its first job: a storage among a user's files, then one that is no database URL.
+    for storage, error in (
+        (f"sqlite:///{users}/optuna.db", f"in {users}, which holds notes.txt"),
+        ("nonsense", "hydra.sweeper.storage=nonsense: give a database URL"),
+    ):
+        refused = run_train(*args, f"hydra.sweeper.storage={storage}")
+        assert error in single_error(refused) and sorted(p.name for p in users.iterdir()) == ["notes.txt"]
+    first = run_train(*args, timeout=300)  # the corrected command, in the same folder
+    assert first.returncode == 0, first.stderr
+    kept = (sweep / "0" / ".hydra" / "overrides.yaml").read_bytes()
+    for damage, error in (
+        (lambda db: db.unlink(), "holds job 0, but the study in sqlite:///"),
+        (lambda db: db.write_bytes(b"not a database" * 100), "does not open"),
+    ):
+        damage(sweep / "optuna.db")
+        again = single_error(run_train(*args, timeout=300))
+        assert error in again and ("Start over in a new folder" in again or "start the sweep over" in again), again
+        assert (sweep / "0" / ".hydra" / "overrides.yaml").read_bytes() == kept  # job 0 keeps what it trained with
+
+
+@pytest.mark.parametrize(
+    "override, reason",
+    [
+        ("x=interval(0.3, 0.003)", "interval(0.3, 0.003) holds no range of values"),
+        ("x=interval(nan, 1)", "interval(nan, 1.0) holds no range of values"),
+        ("x=interval(1, inf)", "interval(1.0, inf) holds no range of values"),
+        ("x=tag(log, interval(0, 1))", "`low > 0` must hold for `log=True`"),
+        ("x=range(5, 1)", "range(5, 1, 1) holds no values"),
+        ("x=range(1, 5, 0)", "range() arg 3 must not be zero"),
+        ("x=choice()", "empty choice is not legal"),
+        ("x=interval(a, b)", "mismatch type argument start"),
+    ],
+)
+def test_a_search_space_that_holds_nothing_to_search_is_refused_in_one_line(override, reason):
+    from hydra_plugins.mnist_lab_plugins._optuna import search_space
+    from mnist_lab.errors import InputError
+
+    with pytest.raises(InputError, match=re.escape(f"{override}: ")) as refused:
+        search_space([override])
+    assert reason in str(refused.value) and "interval(low, high) with finite low < high" in str(refused.value)
+    assert "\n" not in str(refused.value)

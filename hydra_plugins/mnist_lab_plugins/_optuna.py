@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from mnist_lab.errors import InputError, is_number
-from mnist_lab.run_folder import RERUN_FAILED, read_metrics, study_storage
+from mnist_lab.errors import InputError, first_line, is_number, is_whole
+from mnist_lab.run_folder import RERUN_FAILED, check_store_path, read_metrics, study_storage
 from mnist_lab.sweep_folder import first_failure
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class OptunaSearch:
             max_failure_rate,
         )
         self.params = {str(k): str(v) for k, v in (params or {}).items()}
+        check_options(direction, study_name, n_trials, n_jobs, max_failure_rate)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -60,15 +61,31 @@ class OptunaSearch:
         space = {key: values for key, values in space.items() if takes(self.config, key)}
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # as Hydra's sweeper: the same command goes on
         storage = study_storage(self.storage, sweep_dir)
-        study = optuna.create_study(
-            study_name=self.study_name,
-            storage=storage,
-            direction=self.direction,
-            pruner=instantiate(self.pruner),
-            load_if_exists=True,
-        )
+        if storage.startswith("sqlite:///"):
+            check_store_path(Path(storage.removeprefix("sqlite:///")), "hydra.sweeper.storage", [sweep_dir])
+        elif "://" not in storage or storage.startswith("sqlite://"):
+            raise InputError(
+                f"hydra.sweeper.storage={storage}: give a database URL such as sqlite:///<path>/optuna.db, or leave it "
+                "unset for the study in the sweep folder (the same command then continues it)"
+            )
+        try:
+            study = optuna.create_study(
+                study_name=self.study_name,
+                storage=storage,
+                direction=self.direction,
+                pruner=instantiate(self.pruner),
+                load_if_exists=True,
+            )
+        except Exception as e:  # noqa: BLE001  a damaged file, another program's database, a server that is down
+            raise InputError(
+                f"hydra.sweeper.storage: the study in {storage} does not open ({first_line(e)[:200]}): restore it, "
+                "or start the sweep over in a new folder with hydra.sweep.dir=..."
+            ) from None
+        check_study_matches(study, sweep_dir, storage)
+        # As Hydra's sweeper: the same command goes on. Only now, so that a sweep refused above leaves
+        # its folder to the corrected command.
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         log.info("Optuna study %s in %s: %d trial(s) there already", self.study_name, storage, len(study.trials))
         # A seeded sampler drawing again from its first number would repeat the earlier trials' values.
         study.sampler = instantiate(
@@ -127,15 +144,56 @@ class OptunaSearch:
         return returns
 
 
+def check_options(direction: str, study_name: str, n_trials: Any, n_jobs: Any, max_failure_rate: Any) -> None:
+    """The sweeper's own settings, each refused in one line before any trial."""
+    if direction not in ("maximize", "minimize"):
+        raise InputError(f"hydra.sweeper.direction={direction}: give maximize (val/acc, the default) or minimize")
+    if not isinstance(study_name, str) or not study_name.strip():
+        raise InputError(f"hydra.sweeper.study_name={study_name!r}: give a name, e.g. mnist_lab")
+    for key, value in (("n_trials", n_trials), ("n_jobs", n_jobs)):
+        if not is_whole(value) or value < 1:
+            raise InputError(f"hydra.sweeper.{key}={value}: give a whole number of at least 1")
+    if not is_number(max_failure_rate) or not 0 <= max_failure_rate <= 1:
+        raise InputError(
+            f"hydra.sweeper.max_failure_rate={max_failure_rate}: give a fraction from 0 (stop at the first failed "
+            "trial) to 1 (never stop)"
+        )
+
+
+def check_study_matches(study: optuna.Study, sweep_dir: Path, storage: str) -> None:
+    """Every job folder of an earlier attempt must be its trial's, with the values it trained with: a
+    study deleted, replaced or of another sweep would have jobs kept under values they never ran."""
+    trials = {t.number: t for t in study.trials}
+    for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
+        job = overrides_file.parent.parent.name
+        if not job.isdigit():
+            continue
+        try:
+            recorded = dict(str(o).lstrip("+~").partition("=")[::2] for o in OmegaConf.load(overrides_file))
+        except Exception:  # noqa: BLE001  its job is listed as unreadable in the report; the study decides here
+            recorded = {}
+        trial = trials.get(int(job))
+        if trial is None or any(recorded.get(k) != str(v) for k, v in trial.params.items()):
+            which = "has no trial for it" if trial is None else f"ran trial {job} with other values ({trial.params})"
+            raise InputError(
+                f"{sweep_dir} holds job {job}, but the study in {storage} {which}: the study no longer matches "
+                f"the sweep folder (deleted, replaced or another sweep's). Start over in a new folder with "
+                f"hydra.sweep.dir=..., or put the sweep's own study back"
+            )
+
+
 def tell(study: optuna.Study, number: int, ret: JobReturn) -> bool:
     """Tell the study how trial `number` ended, from its job's metrics.json (what the report reads):
-    its best val/acc, pruned at the epoch it reached, or failed (False). A job of another Hydra
+    its best val/acc, pruned at the epoch it reached, or failed (False); a job stopped before it
+    finished is left running, for the same sweep to go on with (False too). A job of another Hydra
     app, which writes no metrics.json, is told by the number its task function returned."""
     metrics = read_metrics(Path(ret.hydra_cfg.hydra.runtime.output_dir)) if ret.hydra_cfg else {}
     if "status" not in metrics:
         returned = ret.return_value if ret.status == JobStatus.COMPLETED else None
         metrics = {"status": "ok", "val/acc": returned} if is_number(returned) else {}
     status, value = metrics.get("status"), metrics.get("val/acc")
+    if status == "interrupted":  # its process died mid-job: the trial stays running, the same sweep resumes it
+        return False
     if status == "pruned":
         study.tell(number, state=TrialState.PRUNED)
     elif status == "ok" and isinstance(value, (int, float)) and math.isfinite(value):
@@ -163,13 +221,24 @@ def search_space(overrides: list[str]) -> tuple[dict[str, BaseDistribution], lis
     fixed overrides for every trial."""
     space: dict[str, BaseDistribution] = {}
     fixed: dict[str, str] = {}
-    for override in OverridesParser.create().parse_overrides(overrides):
-        key = override.get_key_element()
-        space.pop(key, None), fixed.pop(key, None)
-        if override.is_sweep_override():
-            space[key] = distribution(override)
-        else:
-            fixed[key] = override.input_line
+    parser = OverridesParser.create()
+    for text in overrides:
+        try:
+            (override,) = parser.parse_overrides([text])
+            key = override.get_key_element()
+            space.pop(key, None), fixed.pop(key, None)
+            if override.is_sweep_override():
+                space[key] = distribution(override)
+            else:
+                fixed[key] = override.input_line
+        except InputError:
+            raise
+        except Exception as e:  # noqa: BLE001  Hydra's parse errors, Optuna's and Python's range checks
+            reason = next((line for line in str(e).splitlines()[1:] if line.strip()), first_line(e))
+            raise InputError(
+                f"{text}: {reason.strip().rstrip('.')}: give choice(a, b, ...), range(start, stop, step) with "
+                "start < stop, or interval(low, high) with finite low < high (low > 0 with tag(log, ...))"
+            ) from None
     return space, list(fixed.values())
 
 
@@ -182,10 +251,14 @@ def distribution(override: Override) -> BaseDistribution:
         return CategoricalDistribution(list(override.sweep_iterator(transformer=Transformer.encode)))
     if isinstance(value, RangeSweep):
         values = list(override.sweep_iterator())
+        if not values:
+            raise ValueError(f"range({value.start}, {value.stop}, {value.step}) holds no values")
         if all(isinstance(v, int) for v in values):
             return IntDistribution(values[0], values[-1], step=int(value.step), log=log_scale)
         return FloatDistribution(values[0], values[-1], step=value.step)
     if isinstance(value, IntervalSweep):
+        if not (math.isfinite(value.start) and math.isfinite(value.end) and value.start < value.end):
+            raise ValueError(f"interval({value.start}, {value.end}) holds no range of values")
         if isinstance(value.start, int) and isinstance(value.end, int):
             return IntDistribution(value.start, value.end, log=log_scale)
         return FloatDistribution(float(value.start), float(value.end), log=log_scale)

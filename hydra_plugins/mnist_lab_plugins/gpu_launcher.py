@@ -8,16 +8,27 @@ job at a time and stays up for the next, so Python, torch and Lightning load onc
 once per job. The cores are shared out: each worker's torch takes cores / workers threads.
 
 With no GPU (gpus: [] or none found), `jobs_per_gpu` workers run jobs at once on the CPU.
+
+Stopping the sweep stops its workers. SIGTERM or Ctrl-C of the launching process is passed on to
+every worker: the running jobs save a checkpoint and stop, as a run on its own does. Each worker
+also watches its parent: if the sweep's process dies outright (SIGKILL), its job is stopped the
+same way and the worker exits within seconds, so that no worker is left training into a folder
+that the same command, run again, also writes. A worker killed mid-job leaves that job stopped,
+with its report and one line; the same command goes on from its last checkpoint.
 """
 
 import logging
+import math
+import multiprocessing
 import os
 import queue
+import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -30,17 +41,21 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
+from hydra_plugins.mnist_lab_plugins._worker import call, pin
 from mnist_lab.errors import InputError, is_whole, one_line_errors
+from mnist_lab.run_folder import record_interrupted, resume_command
 
 log = logging.getLogger(__name__)
+MAX_JOBS_PER_GPU = 64  # each a process holding torch and a CUDA context: far more than a GPU has room for
 
 
 class GpuLauncher(Launcher):
     def __init__(self, jobs_per_gpu: int, gpus: Sequence[int] | str = "auto") -> None:
         with one_line_errors():  # before any job; Hydra would wrap an exception in two paragraphs
-            if not is_whole(jobs_per_gpu) or jobs_per_gpu < 1:
+            if not is_whole(jobs_per_gpu) or not 1 <= jobs_per_gpu <= MAX_JOBS_PER_GPU:
                 raise InputError(
-                    f"hydra.launcher.jobs_per_gpu={jobs_per_gpu}: jobs at once on each GPU must be a whole number >= 1"
+                    f"hydra.launcher.jobs_per_gpu={jobs_per_gpu}: jobs at once on each GPU must be a whole number "
+                    f"from 1 to {MAX_JOBS_PER_GPU}, e.g. 4"
                 )
             self.devices = visible_gpus(gpus)
         self.jobs_per_gpu = jobs_per_gpu
@@ -80,6 +95,8 @@ class GpuLauncher(Launcher):
                 return worker.run(
                     run_sweep_job, num, overrides, self.hydra_context, self.config, self.task_function, state
                 )
+            except WorkerDied:
+                return self._died(num, overrides)
             except SystemExit:  # the job was stopped by a signal; this process may not have seen it (only
                 stopped.set()  # the main thread acts on signals, and the kernel may hand it to another)
                 raise
@@ -91,12 +108,71 @@ class GpuLauncher(Launcher):
             threads.submit(run, num, overrides) for num, overrides in enumerate(job_overrides, start=initial_job_idx)
         ]
         try:
-            return [future.result() for future in futures]
+            with passing_on_sigterm():
+                return [future.result() for future in futures]
         except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or a job stopped by a signal (SIGTERM: 143)
             stopped.set()  # the running jobs save a checkpoint and say how to resume; no other starts
+            stop_workers()  # a Ctrl-C given to this process alone (not the terminal's group) reaches them too
             sys.exit(e.code if isinstance(e, SystemExit) else 130)
         finally:
             threads.shutdown(wait=True, cancel_futures=True)
+
+    def _died(self, num: int, overrides: Sequence[str]) -> JobReturn:
+        """Job `num`'s worker died mid-job (killed, or out of memory): its folder says it stopped and
+        how to go on, the sweep's callbacks see the job end (the report is written), one line says so,
+        and the sweeper gets a failed trial's NaN rather than an exception."""
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(config):
+            config.hydra.job.id, config.hydra.job.num = f"{config.hydra.job.name}_{num}", num
+        folder = Path(config.hydra.sweep.dir) / str(config.hydra.sweep.subdir)
+        if folder.is_dir():
+            record_interrupted(folder, "a dead process", None)
+        resume = resume_command(Path(config.hydra.sweep.dir))
+        log.error(
+            "Error: job %d's process died before it finished (killed, or out of memory): the same command, or %s, "
+            "goes on from its last checkpoint",
+            num,
+            resume,
+        )
+        ret = JobReturn(overrides=list(overrides), cfg=config, hydra_cfg=config, status=JobStatus.COMPLETED)
+        ret.return_value = math.nan
+        with open_dict(config):
+            config.hydra.runtime.output_dir = str(folder)
+        self.hydra_context.callbacks.on_job_end(config=config, job_return=ret)
+        return ret
+
+
+class WorkerDied(Exception):
+    """A worker process ended in the middle of a job."""
+
+
+def stop_workers() -> None:
+    """SIGTERM to every worker process: their running jobs save a checkpoint and stop."""
+    for worker in multiprocessing.active_children():
+        try:
+            os.kill(worker.pid, signal.SIGTERM)
+        except ProcessLookupError:  # ended meanwhile
+            pass
+
+
+@contextmanager
+def passing_on_sigterm() -> Iterator[None]:
+    """While jobs run, SIGTERM to this process stops the workers' jobs too (each saves a checkpoint),
+    then this process, once they have: `kill <sweep>` leaves nothing running."""
+
+    def handler(signum: int, frame: Any) -> None:
+        stop_workers()
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: signals stay as they are
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_sweep_job(
@@ -153,37 +229,14 @@ class Worker:
 
     def _start(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
-            1, mp_context=get_context("spawn"), initializer=_pin, initargs=(self.gpu, self.threads)
+            1, mp_context=get_context("spawn"), initializer=pin, initargs=(self.gpu, self.threads)
         )
 
     def run(self, fn: Any, num: int, *args: Any) -> JobReturn:
         try:
-            return cloudpickle.loads(self._pool.submit(_call, cloudpickle.dumps((fn, (num, *args)))).result())
-        except BrokenProcessPool:  # killed (out of memory?): this job is lost, the next gets a new process
-            self._pool.shutdown(wait=False)
+            return cloudpickle.loads(self._pool.submit(call, cloudpickle.dumps((fn, (num, *args)))).result())
+        except BrokenProcessPool:  # killed (out of memory?): this job stops here, the next gets a new process
+            # Waited for: its manager thread closes its pipes itself, and an exit then finds none half-closed.
+            self._pool.shutdown(wait=True)
             self._pool = self._start()
-            log.error(
-                "Error: job %d's process died before it returned; run the same command again to go on from "
-                "its last checkpoint",
-                num,
-            )
-            return JobReturn(
-                overrides=list(args[0]),
-                status=JobStatus.FAILED,
-                _return_value=RuntimeError(f"job {num}'s process died"),
-            )
-
-
-def _pin(gpu: str | None, threads: int) -> None:
-    """In a new worker, before anything starts CUDA: its one GPU, and its share of the cores, which
-    torch (and NumPy's BLAS) read from OMP_NUM_THREADS when imported: the worker imports nothing
-    that the app's jobs do not."""
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-
-
-def _call(payload: bytes) -> bytes:
-    """fn(*args), both ways through cloudpickle: Hydra's config classes do not pickle by reference."""
-    fn, args = cloudpickle.loads(payload)
-    return cloudpickle.dumps(fn(*args))
+            raise WorkerDied from None

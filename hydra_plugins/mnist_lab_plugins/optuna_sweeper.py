@@ -19,6 +19,8 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
+from mnist_lab.errors import one_line_errors
+
 
 class OptunaSweeper(Sweeper):
     """Hydra's Sweeper, light to import: Hydra's plugin scan imports this module on every run and
@@ -27,10 +29,12 @@ class OptunaSweeper(Sweeper):
     def __init__(self, **options: Any) -> None:
         from hydra_plugins.mnist_lab_plugins._optuna import OptunaSearch
 
-        self.search = OptunaSearch(**options)
+        with one_line_errors():  # Hydra would wrap an exception in two paragraphs
+            self.search = OptunaSearch(**options)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.search.setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> None:
-        return self.search.sweep(arguments)
+        with one_line_errors():
+            return self.search.sweep(arguments)
