@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mnist_lab.compat import batches_done_in_epoch
 from mnist_lab.defaults import MNIST_MEAN, MNIST_STD
-from mnist_lab.errors import InputError, is_whole
+from mnist_lab.errors import InputError, is_number, is_whole
 
 # MD5 of the uncompressed IDX files of the official releases: torchvision checks only the
 # downloaded archives, not files already on disk. The same values are in other projects that
@@ -43,6 +43,7 @@ _verified: set[tuple[str, int, int]] = set()  # (path, size, mtime) hashed once 
 DATASETS = ("MNIST", "FashionMNIST", "KMNIST")
 IMAGE_MAGIC = 0x0803  # IDX: unsigned bytes, 3 dimensions (N, 28, 28)
 LABEL_MAGIC = 0x0801  # IDX: unsigned bytes, 1 dimension (N,)
+MAX_WORKERS = 64  # data.num_workers
 
 
 def _fix(folder: Path) -> str:
@@ -243,8 +244,10 @@ class MNISTDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("val_size", val_size)):
-            if not isinstance(value, int) or value < 1:
+            if not is_whole(value) or value < 1:
                 raise InputError(f"data.{key} must be a positive integer, got {value!r}: pass e.g. data.{key}=64")
+        if num_workers > MAX_WORKERS:  # each a process with its own copy of torch
+            raise InputError(f"data.num_workers={num_workers}: give at most {MAX_WORKERS}; 0, the default, is fastest")
         for key, value in (("split_seed", split_seed), ("seed", seed), ("num_workers", num_workers)):
             if not is_whole(value) or not 0 <= value < 2**32:
                 raise InputError(
@@ -260,9 +263,13 @@ class MNISTDataModule(pl.LightningDataModule):
                 raise InputError(
                     f"data.{key} must be true or false, got {value!r}: pass data.{key}=true or data.{key}=false"
                 )
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (mean, std)) or not std > 0:
+        # Of pixels scaled to 0-1: outside that, normalized images overflow float32 or lose all contrast.
+        if not all(is_number(v) and math.isfinite(v) for v in (mean, std)) or not (
+            0 <= mean <= 1 and 0.001 <= std <= 1
+        ):
             raise InputError(
-                f"data.mean and data.std must be finite and data.std > 0, got mean={mean}, std={std}: "
+                f"data.mean and data.std are of pixels scaled to 0-1: data.mean from 0 to 1 and data.std from 0.001 "
+                f"to 1, got mean={mean}, std={std}: "
                 f"pass e.g. data.mean={MNIST_MEAN} data.std={MNIST_STD} (MNIST's)"
             )
         dataset_cls = getattr(torchvision.datasets, dataset, None) if dataset in DATASETS else None

@@ -32,13 +32,18 @@ MIN_CONTRAST = 0.1  # brightest ink minus background, in [0, 1]; below it, an im
 
 def grayscale(image: Image.Image) -> np.ndarray:
     """(H, W) float32 in [0, 1], whatever the mode: 1-bit, 8/16/32-bit gray, palette, RGB(A)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float32)
+    if image.mode.startswith(("I;16", "I", "F")):
+        array = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(array).all():
+            raise InputError("it holds NaN or infinite pixel values: save it with finite ones (0-255, or 0-1)")
+        array -= min(0.0, float(array.min()))  # signed values: from the lowest up
         # 16-bit, or 32-bit holding 8- or 16-bit values; float images may already lie in [0, 1]
         top = next(t for t in (1.0, 255.0, 65535.0, float(array.max())) if array.max() <= t)
         if image.mode.startswith("I;16"):
             top = 65535.0
-        return np.clip(array / top, 0, 1)
+        return np.clip(array / top, 0, 1).astype(np.float32)
+    if image.mode in ("LAB", "HSV"):  # which Pillow does not convert to gray: their lightness band
+        return np.asarray(image.getchannel("L" if image.mode == "LAB" else "V"), dtype=np.float32) / 255
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255
         alpha = rgba[..., 3]

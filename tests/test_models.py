@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -55,7 +57,7 @@ def test_activation_and_dropout_are_configurable(cls):
 
 
 def test_unknown_activation_is_refused():
-    with pytest.raises(InputError, match="unknown activation 'Swoosh'"):
+    with pytest.raises(InputError, match="model.activation=Swoosh: not a torch.nn activation"):
         LeNet(activation="Swoosh")
 
 
@@ -109,3 +111,40 @@ def test_on_a_cpu_convolution_weights_turn_channels_last_and_the_outputs_stay_th
     assert model.net[7].weight.is_contiguous()  # a Linear's weights stay as they are
     with torch.no_grad():
         torch.testing.assert_close(model(x), before)
+
+
+@pytest.mark.parametrize(
+    "model, override, message",
+    [
+        ("softmax", "model.dropout=1.0", "model.dropout=1.0: give a probability from 0 up to, not including, 1"),
+        ("softmax", "model.dropout=nan", "model.dropout=nan: give a probability"),
+        ("lenet", "model.dropout=-0.1", "model.dropout=-0.1: give a probability"),
+        ("cnn", "model.dropout=abc", "model.dropout=abc: give a probability"),
+        ("mlp", "model.hidden_sizes=[0]", "model.hidden_sizes=[0]: give a list of 0 to 32 whole numbers from 1 to"),
+        ("mlp", "model.hidden_sizes=[1.5]", "model.hidden_sizes=[1.5]: give a list"),
+        ("mlp", "model.hidden_sizes=512", "model.hidden_sizes=512: give a list"),
+        ("mlp", "model.hidden_sizes=[100000000]", "model.hidden_sizes=[100000000]: give a list"),
+        ("mlp", "model.activation=Module", "model.activation=Module: not a torch.nn activation"),
+        ("mlp", "model.activation=Linear", "model.activation=Linear: not a torch.nn activation"),
+        ("lenet", "model.activation=Threshold", "model.activation=Threshold needs arguments"),
+        ("lenet", "model.activation=3", "model.activation=3: not a torch.nn activation"),
+        ("cnn", "model.channels=[]", "model.channels=[]: give a list of 1 to 5 whole numbers"),
+        ("cnn", "model.channels=[8,8,8,8,8,8]", "model.channels=[8, 8, 8, 8, 8, 8]: give a list of 1 to 5"),
+        ("cnn", "model.channels=[-1]", "model.channels=[-1]: give a list"),
+        ("softmax", "+model.num_classes=5", "model.num_classes=5, but MNIST has 10 classes"),
+        ("softmax", "+model.num_classes=1", "model.num_classes=1: give the data set's number of classes"),
+    ],
+)
+def test_every_model_option_out_of_range_is_refused_in_one_line_naming_it(model, override, message, make_cfg):
+    from mnist_lab.recipe import build
+
+    with pytest.raises(InputError, match=re.escape(message)) as refused:
+        build(make_cfg(f"model={model}", override))
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("override", ["model.hidden_sizes=[]", "model.activation=GELU", "model.dropout=0.99"])
+def test_unusual_but_sound_model_options_are_taken(override, make_cfg):
+    from mnist_lab.recipe import build
+
+    build(make_cfg("model=mlp", override))

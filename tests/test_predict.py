@@ -157,3 +157,50 @@ def test_an_image_that_decodes_to_gigabytes_is_refused_from_its_header(tmp_path)
     assert path.stat().st_size < 100_000
     with pytest.raises(InputError, match="6000 x 5000 pixels is more than the 25 megapixels predict reads"):
         load_image(path)
+
+
+MODES = ["1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "LA", "PA", "RGBX", "I;16"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_pillow_reads_gives_a_digit_and_finite_pixels(mode):
+    from PIL import ImageDraw
+
+    image = Image.new(mode, (40, 40))
+    ink = {"1": 1, "P": 255, "PA": (255, 255), "I": 2**31 - 1, "F": 3.4e38, "I;16": 65535}.get(mode)
+    if ink is None:  # the mode's brightest value in each band (LAB, HSV: the lightness, or value, band)
+        ink = tuple(255 if band in "LRGBAVXY" else 0 for band in image.getbands())
+        ink = ink[0] if len(ink) == 1 else ink
+    if mode == "CMYK":
+        ink = (0, 0, 0, 0)
+        image = Image.new(mode, (40, 40), (0, 0, 0, 255))  # black: all the key band; the digit white
+    if mode in ("P", "PA"):
+        image.putpalette([v for i in range(256) for v in (i, i, i)])  # index i: gray i
+    ImageDraw.Draw(image).rectangle((18, 8, 22, 32), fill=ink)
+    # From a file; HSV, which no format stores, as a PIL image handed to predict in Python.
+    pixels = to_mnist(image) if mode == "HSV" else load_image(saved(image, "TIFF"))
+    assert torch.isfinite(pixels).all() and pixels.min() == 0 and pixels.max() == 255  # a bar, ink on a background
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_pixels_are_refused_in_one_line(value):
+    array = np.zeros((40, 40), np.float32)
+    array[10:30, 18:22] = value
+    with pytest.raises(InputError, match="holds NaN or infinite pixel values: save it with finite ones"):
+        load_image(saved(Image.fromarray(array, mode="F"), "TIFF"))
+
+
+@pytest.mark.parametrize("low", [-1e30, -(2**31)])
+def test_signed_pixels_are_read_from_their_lowest_value_up(low):
+    array = np.zeros((40, 40), np.float32 if low == -1e30 else np.int32)
+    array[10:30, 18:22] = low  # a dark bar on a light ground
+    pixels = load_image(saved(Image.fromarray(array, mode="F" if low == -1e30 else "I"), "TIFF"))
+    assert pixels.max() == 255
+
+
+def saved(image: Image.Image, fmt: str) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()

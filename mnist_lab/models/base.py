@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 DEFAULT_LOSS = {"_target_": "torch.nn.CrossEntropyLoss"}  # conf/loss/cross_entropy.yaml
 # Scheduler arguments that give the schedule's length; left null in config, the trainer fills them.
 SCHEDULE_LENGTH_ARGS = ("total_steps", "T_max")
+# Scheduler arguments PyTorch does not check: a negative or zero one trains on a nonsense learning rate.
+POSITIVE_SCHEDULE_ARGS = ("gamma", "max_lr", "div_factor", "final_div_factor", "factor", "start_factor")
+NON_NEGATIVE_SCHEDULE_ARGS = ("eta_min", "min_lr", "end_factor")
 
 
 @dataclass
@@ -48,12 +51,46 @@ def fast_layout(module: nn.Module, device: torch.device | str) -> nn.Module:
     return module
 
 
+MAX_WIDTH = 16_384  # units or channels in one layer: far more than a 28 x 28 image needs
+
+
 def activation_layer(name: str) -> nn.Module:
     """A torch.nn activation by its class name, e.g. "ReLU", "Tanh", "GELU"."""
-    layer = getattr(nn, name, None)
-    if not (isinstance(layer, type) and issubclass(layer, nn.Module)):
-        raise InputError(f"unknown activation {name!r}: use a torch.nn class name such as ReLU, Tanh or GELU")
-    return layer()
+    layer = getattr(nn, name, None) if isinstance(name, str) else None
+    if not (isinstance(layer, type) and layer.__module__ == "torch.nn.modules.activation"):
+        raise InputError(
+            f"model.activation={name}: not a torch.nn activation; give an activation's class name, such as "
+            "ReLU, Tanh or GELU"
+        )
+    try:
+        return layer()
+    except TypeError:  # Threshold, MultiheadAttention, ...: arguments a name cannot carry
+        raise InputError(
+            f"model.activation={name} needs arguments that a name cannot give: use one that needs none, such as "
+            "ReLU, Tanh or GELU"
+        ) from None
+
+
+def check_dropout(p: object) -> float:
+    """model.dropout: a probability below 1 (at 1 every input is dropped, and the model learns nothing)."""
+    if not is_number(p) or not 0 <= p < 1:  # NaN fails both comparisons
+        raise InputError(f"model.dropout={p}: give a probability from 0 up to, not including, 1, e.g. 0.2")
+    return float(p)
+
+
+def check_widths(sizes: object, key: str, example: str, least: int = 1, most: int = 32) -> list[int]:
+    """A list of `least` to `most` layer widths (MLP's hidden_sizes, CNN's channels), each a whole
+    number from 1 to MAX_WIDTH."""
+    widths = list(sizes) if isinstance(sizes, (list, tuple)) else None
+    if (
+        widths is None
+        or not all(is_whole(w) and 1 <= w <= MAX_WIDTH for w in widths)
+        or not least <= len(widths) <= most
+    ):
+        raise InputError(
+            f"{key}={sizes}: give a list of {least} to {most} whole numbers from 1 to {MAX_WIDTH}, e.g. {example}"
+        )
+    return widths
 
 
 class ImageClassifier(pl.LightningModule):
@@ -80,6 +117,8 @@ class ImageClassifier(pl.LightningModule):
         loss: dict | None = None,
     ) -> None:
         super().__init__()
+        if not is_whole(num_classes) or not 2 <= num_classes <= MAX_WIDTH:
+            raise InputError(f"model.num_classes={num_classes}: give the data set's number of classes, 10 for MNIST")
         lr = (optimizer or {}).get("lr", 1)
         if not is_number(lr) or not lr > 0:
             raise InputError(f"optimizer.lr must be > 0, got {lr!r}: pass e.g. optimizer.lr=0.01")
@@ -89,6 +128,8 @@ class ImageClassifier(pl.LightningModule):
         self.save_hyperparameters()
         with config_errors("loss"):
             self.criterion: nn.Module = instantiate(loss or DEFAULT_LOSS)
+        if isinstance(self.criterion, nn.MultiMarginLoss) and not self.criterion.margin > 0:  # nothing to learn from
+            raise InputError(f"loss.margin={self.criterion.margin}: give a margin above 0, e.g. loss.margin=1.0")
         # Training accuracy is counted at the end of the epoch, from each step's predicted classes
         # and labels: an argmax and an append cost the step less than a running count or a
         # torchmetrics update would (docs/speed.md, the cost of a training step), and none reads the device.
@@ -244,6 +285,17 @@ class ImageClassifier(pl.LightningModule):
                 raise InputError(
                     f"scheduler.{key} must be a positive integer, got {scheduler[key]!r}: "
                     f"pass e.g. scheduler.{key}=10, or leave it out"
+                )
+        for key, value in scheduler.items():
+            low = 0 if key in NON_NEGATIVE_SCHEDULE_ARGS else None
+            if is_number(value) and (
+                not math.isfinite(value)
+                or (low is not None and value < low)
+                or (key in POSITIVE_SCHEDULE_ARGS and not value > 0)
+            ):
+                which = "above 0" if key in POSITIVE_SCHEDULE_ARGS else "0 or more" if low is not None else "finite"
+                raise InputError(
+                    f"scheduler.{key}={value}: give a number {which}, or leave it as conf/scheduler sets it"
                 )
         if interval not in ("step", "epoch"):
             raise InputError(

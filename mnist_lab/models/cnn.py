@@ -3,7 +3,7 @@ from typing import Any
 
 from torch import nn
 
-from mnist_lab.models.base import ImageClassifier
+from mnist_lab.models.base import ImageClassifier, check_dropout, check_widths
 
 
 def conv_bn(inputs: int, outputs: int) -> list[nn.Module]:
@@ -22,6 +22,9 @@ class CNN(ImageClassifier):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        # Pooling between blocks halves 28 x 28 each time: five blocks leave it 1 x 1.
+        channels = check_widths(channels, "model.channels", "[16,32,64]", most=5)
+        dropout = check_dropout(dropout)
         layers: list[nn.Module] = []
         width = 1
         for i, size in enumerate(channels):

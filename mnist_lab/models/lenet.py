@@ -2,7 +2,7 @@ from typing import Any
 
 from torch import nn
 
-from mnist_lab.models.base import ImageClassifier, activation_layer
+from mnist_lab.models.base import ImageClassifier, activation_layer, check_dropout
 
 
 class LeNet(ImageClassifier):
@@ -19,6 +19,7 @@ class LeNet(ImageClassifier):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        dropout = check_dropout(dropout)
         self.net = nn.Sequential(
             # (N, 1, 28, 28) -> (N, 6, 14, 14)
             nn.Conv2d(1, 6, 5, padding=2), activation_layer(activation), nn.MaxPool2d(2),

@@ -3,7 +3,7 @@ from typing import Any
 
 from torch import nn
 
-from mnist_lab.models.base import ImageClassifier, activation_layer
+from mnist_lab.models.base import ImageClassifier, activation_layer, check_dropout, check_widths
 
 
 class MLP(ImageClassifier):
@@ -17,6 +17,8 @@ class MLP(ImageClassifier):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        hidden_sizes = check_widths(hidden_sizes, "model.hidden_sizes", "[512,256]", least=0)
+        dropout = check_dropout(dropout)
         layers: list[nn.Module] = [nn.Flatten()]  # (N, 1, 28, 28) -> (N, 784)
         width = 28 * 28
         for size in hidden_sizes:

@@ -2,7 +2,7 @@ from typing import Any
 
 from torch import nn
 
-from mnist_lab.models.base import ImageClassifier
+from mnist_lab.models.base import ImageClassifier, check_dropout
 
 
 class SoftmaxRegression(ImageClassifier):
@@ -14,5 +14,6 @@ class SoftmaxRegression(ImageClassifier):
 
     def __init__(self, dropout: float = 0.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        dropout = check_dropout(dropout)
         # (N, 1, 28, 28) -> (N, 784) -> (N, C)
         self.net = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(28 * 28, self.hparams.num_classes))
