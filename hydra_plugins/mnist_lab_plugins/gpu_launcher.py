@@ -126,7 +126,7 @@ class GpuLauncher(Launcher):
             config.hydra.job.id, config.hydra.job.num = f"{config.hydra.job.name}_{num}", num
         folder = Path(config.hydra.sweep.dir) / str(config.hydra.sweep.subdir)
         if folder.is_dir():
-            record_interrupted(folder, "a dead process", None)
+            record_interrupted(folder, "killed", None)  # by which signal (or for memory) is not known here
         resume = resume_command(Path(config.hydra.sweep.dir))
         log.error(
             "Error: job %d's process died before it finished (killed, or out of memory): the same command, or %s, "
