@@ -211,9 +211,13 @@ def check_store_path(path: Path, option: str, inside: Sequence[Path]) -> None:
         )
 
 
-def mnist_lab_folder(folder: Path) -> bool:
-    """Whether `folder` is a run or sweep folder that mnist_lab wrote (its lock or Hydra's record)."""
-    return any((folder / name).exists() for name in (LOCK_FILE, ".hydra", "multirun.yaml"))
+def mnist_lab_folder(folder: Path, depth: int = 2) -> bool:
+    """Whether `folder` is a run or sweep folder that mnist_lab wrote (its lock or Hydra's record),
+    or holds only such folders, `depth` levels down at most (outputs/runs/<date>/<run>)."""
+    if any((folder / name).exists() for name in (LOCK_FILE, ".hydra", "multirun.yaml")):
+        return True
+    entries = sorted(folder.iterdir())[:1000] if depth > 0 and not folder.is_symlink() else []
+    return bool(entries) and all(e.is_dir() and mnist_lab_folder(e, depth - 1) for e in entries)
 
 
 def read_metrics(folder: Path) -> dict[str, Any]:

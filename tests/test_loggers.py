@@ -184,7 +184,7 @@ def mlflow_env(monkeypatch):
 def test_an_mlflow_store_goes_only_into_a_new_folder_or_mnist_labs_own(make_cfg, tmp_path, mlflow_env):
     from mnist_lab.loggers import build_loggers
 
-    run = tmp_path / "outputs" / "run"
+    run = tmp_path / "outputs" / "runs" / "2026-12-01" / "run"  # as train.py lays out outputs/
     run.mkdir(parents=True)
     (run / ".lock").write_text("")
     users = tmp_path / "home"
