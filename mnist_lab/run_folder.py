@@ -203,7 +203,8 @@ def check_store_path(path: Path, option: str, inside: Sequence[Path]) -> None:
         return
     folder = target.parent
     entries = sorted(folder.iterdir()) if folder.is_dir() else []
-    ours = lambda e: matches(e.name, STORE_FILES) or (e.is_dir() and mnist_lab_folder(e))  # noqa: E731
+    own = (target.name, f"{target.name}-*")  # the store itself, with SQLite's journal: the same store again
+    ours = lambda e: matches(e.name, (*STORE_FILES, *own)) or (e.is_dir() and mnist_lab_folder(e))  # noqa: E731
     if (found := next((e for e in entries if not ours(e)), None)) is not None:
         raise InputError(
             f"{option} puts {target.name} in {folder}, which holds {found.name}, not mnist_lab's: mnist_lab writes "

@@ -313,7 +313,7 @@ def gone(pid: int, timeout: float = 30) -> bool:
     return False
 
 
-def launcher_sweep(synthetic_dir: Path, sweep: Path, *extra: str) -> list[str]:
+def launcher_sweep(synthetic_dir: Path, sweep: Path, *extra: str, epochs: int = 40) -> list[str]:
     return [
         sys.executable,
         str(ROOT / "train.py"),
@@ -321,7 +321,7 @@ def launcher_sweep(synthetic_dir: Path, sweep: Path, *extra: str) -> list[str]:
         "hydra/launcher=gpus",
         "hydra.launcher.gpus=[]",
         "hydra.launcher.jobs_per_gpu=2",
-        *smoke_overrides(synthetic_dir, "model=softmax", "trainer.max_epochs=40"),
+        *smoke_overrides(synthetic_dir, "model=softmax", f"trainer.max_epochs={epochs}"),
         *extra,
         f"hydra.sweep.dir={sweep}",
     ]
@@ -331,7 +331,8 @@ def launcher_sweep(synthetic_dir: Path, sweep: Path, *extra: str) -> list[str]:
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])  # Ctrl-C: the test above
 def test_stopping_a_launcher_sweep_stops_its_workers_and_the_same_command_finishes_it(stop, synthetic_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    args = launcher_sweep(synthetic_dir, sweep, "optimizer.lr=0.05,0.1,0.2")
+    # Long enough that both jobs are still training when the signal comes, however busy the machine.
+    args = launcher_sweep(synthetic_dir, sweep, "optimizer.lr=0.05,0.1,0.2", epochs=300)
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     workers = [worker_of(sweep / job, proc) for job in ("0", "1")]
     proc.send_signal(stop)  # the sweep's process alone, as `kill` does: not its workers
@@ -345,7 +346,7 @@ def test_stopping_a_launcher_sweep_stops_its_workers_and_the_same_command_finish
         return
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
-    assert [(r["job"], r["status"], r["epochs"]) for r in rows_of(sweep)] == [(j, "ok", "40") for j in "012"]
+    assert [(r["job"], r["status"], r["epochs"]) for r in rows_of(sweep)] == [(j, "ok", "300") for j in "012"]
     for job in "012":  # one process trained each job: one test, one set of checkpoints
         assert (sweep / job / "train.log").read_text().count("Test accuracy") == 1
         assert not list((sweep / job / "checkpoints").glob("*-v1.ckpt"))
@@ -368,7 +369,7 @@ def test_a_killed_worker_leaves_its_job_stopped_and_reported_and_the_same_comman
             "hydra.sweeper.params={optimizer.lr: 'interval(0.05, 0.2)'}",
         ]
     )
-    args = launcher_sweep(synthetic_dir, sweep, *searched)
+    args = launcher_sweep(synthetic_dir, sweep, *searched, epochs=150)  # job 0 still training when killed
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     os.kill(worker_of(sweep / "0", proc), signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=300)
