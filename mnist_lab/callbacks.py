@@ -368,6 +368,7 @@ class TrainingState(Checkpoint):
         self.signal_name: str | None = None
         self.logger_version: str | int | None = None
         self.mlflow_run_id: str | None = None
+        self.saved_step: int | None = None  # the global step last.ckpt holds, once this process wrote it
         self._stopping = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -406,6 +407,7 @@ class TrainingState(Checkpoint):
             raise
         if trainer.is_global_zero:  # the process that wrote it
             os.replace(partial, self.last_checkpoint)
+        self.saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         stop = self.signal_name is not None or trainer.received_sigterm

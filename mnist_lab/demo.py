@@ -137,10 +137,10 @@ class Demo:
 
 
 async def body_of(request: Request, limit: int, what: str, seconds: float) -> bytes:
-    """The request's body: 413 beyond `limit` bytes (before more is read), 408 when it is not all in
-    within `seconds`."""
+    """The request's body: 413 beyond `limit` bytes (before more is read), saying `what` to send
+    instead; 408 when it is not all in within `seconds`."""
     size_text = f"{limit // 2**20} MB" if limit >= 2**20 else f"{limit // 2**10} kB"
-    too_large = RequestError(413, f"{what} of more than {size_text}: send a smaller one")
+    too_large = RequestError(413, f"a body of more than {size_text}: {what}")
     if int(request.headers.get("content-length") or 0) > limit:
         raise too_large
     chunks, size = [], 0
@@ -224,7 +224,7 @@ def app_for(demo: Demo, host: str, port: int, body_seconds: float = BODY_SECONDS
         return HTMLResponse(page)
 
     async def predict(request: Request) -> JSONResponse:
-        body = await body_of(request, MAX_BODY, "an image", body_seconds)
+        body = await body_of(request, MAX_BODY, "scale the image down", body_seconds)
         return JSONResponse(demo.answer(body, request.query_params.get("distortion", "clean")))
 
     async def models(request: Request) -> JSONResponse:
@@ -234,7 +234,7 @@ def app_for(demo: Demo, host: str, port: int, body_seconds: float = BODY_SECONDS
         )
 
     async def choose(request: Request) -> JSONResponse:
-        name = model_name(await body_of(request, MAX_JSON, "a model's name", body_seconds))
+        name = model_name(await body_of(request, MAX_JSON, 'send {"model": <one of /api/models>}', body_seconds))
         await asyncio.to_thread(demo.choose, name)
         return JSONResponse({"current": demo.name(demo.path)})
 

@@ -108,18 +108,18 @@ def mlflow_logger(conf: DictConfig, out_dir: Path, run_name: str, run_id: str | 
                 where,
             )
             return mlflow_logger(conf, out_dir, run_name, None)
+        reason = " ".join(str(e).split())  # MLflow's message spans lines, and quotes the HTTP library's
         raise InputError(
-            f"logger.mlflow: MLflow's store at {where} does not answer "
-            f"({first_line(e)[:300]}): start the server, or leave logger.mlflow.tracking_uri unset for a store in the "
-            "run folder"
+            f"logger.mlflow: MLflow's store at {where} does not answer ({type(e).__name__}: "
+            f"{reason[:150]}{'...' if len(reason) > 150 else ''}): start the server, or leave "
+            "logger.mlflow.tracking_uri unset for a store in the run folder"
         ) from None
     return logger
 
 
 MLFLOW_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
 

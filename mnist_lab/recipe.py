@@ -103,7 +103,7 @@ def train(
     skip_idle_step_hooks(callbacks)
     logger_kwargs = logger_run(out_dir, swept, overrides, resume_from, model)
     trainer = build_trainer(cfg, out_dir, logger_kwargs, callbacks)
-    with recording_stops(trainer, out_dir), stop_on_signals(state):
+    with recording_stops(trainer, out_dir, state), stop_on_signals(state):
         try:
             trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         finally:
@@ -185,14 +185,17 @@ def build_callback(cfg: DictConfig, key: str) -> pl.Callback | None:
 
 
 @contextmanager
-def recording_stops(trainer: pl.Trainer, out_dir: Path) -> Iterator[None]:
-    """A run stopped by a signal records where, in metrics.json, and raises Interrupted."""
+def recording_stops(trainer: pl.Trainer, out_dir: Path, state: TrainingState) -> Iterator[None]:
+    """A run stopped by a signal records where it goes on from, in metrics.json, and raises
+    Interrupted. That is last.ckpt's step: Lightning itself stops mid-validation on SIGTERM, after
+    steps that no checkpoint holds."""
     try:
         yield
     except (Interrupted, SIGTERMException) as e:
         stopped = e if isinstance(e, Interrupted) else Interrupted("SIGTERM")
         if trainer.is_global_zero:
-            record_interrupted(out_dir, stopped.signal_name, trainer.global_step)
+            step = state.saved_step if state.saved_step is not None else trainer.global_step
+            record_interrupted(out_dir, stopped.signal_name, step)
         raise stopped from None
 
 

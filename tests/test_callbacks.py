@@ -16,6 +16,7 @@ from mnist_lab.callbacks import (
     STEP_HOOKS,
     EpochLog,
     EpochTimer,
+    Interrupted,
     ProgressBar,
     TrainingState,
     acts_on_steps,
@@ -198,3 +199,20 @@ def test_the_epoch_timer_waits_for_the_gpu_and_counts_the_capture_apart(monkeypa
     resumed = EpochTimer()
     resumed.load_state_dict(timer.state_dict())
     assert resumed.capture_time == 2.0  # a resumed run captures anew: its time adds to this
+
+
+def test_a_stop_records_the_step_its_checkpoint_holds_not_the_trainers(tmp_path):
+    """Lightning raises SIGTERMException in the middle of validation, after steps that no checkpoint
+    holds: metrics.json names last.ckpt's step, the one a resume goes on from."""
+    import json
+
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from mnist_lab.recipe import recording_stops
+
+    state = TrainingState(tmp_path / "checkpoints" / "last.ckpt")
+    state.saved_step = 57  # the end of the last epoch
+    trainer = SimpleNamespace(is_global_zero=True, global_step=60)
+    with pytest.raises(Interrupted), recording_stops(trainer, tmp_path, state):
+        raise SIGTERMException
+    assert json.loads((tmp_path / "metrics.json").read_text())["step"] == 57

@@ -221,7 +221,7 @@ def test_mlflow_does_not_phone_home_or_wait_on_a_server_that_does_not_answer(mak
         build_loggers(
             make_cfg("logger=mlflow", f"logger.mlflow.tracking_uri=http://127.0.0.1:{port}"), tmp_path, {}, "r"
         )
-    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true" and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true" and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
     mlflow_env.setenv("MLFLOW_DISABLE_TELEMETRY", "false")  # the user's own choice stands
     build_loggers(make_cfg("logger=mlflow"), tmp_path / "run", {}, "r")
     assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "false"

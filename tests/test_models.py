@@ -127,6 +127,8 @@ def test_on_a_cpu_convolution_weights_turn_channels_last_and_the_outputs_stay_th
         ("mlp", "model.activation=Module", "model.activation=Module: not a torch.nn activation"),
         ("mlp", "model.activation=Linear", "model.activation=Linear: not a torch.nn activation"),
         ("lenet", "model.activation=Threshold", "model.activation=Threshold needs arguments"),
+        ("mlp", "model.activation=Softmax2d", "model.activation=Softmax2d does not work on a layer's outputs"),
+        ("lenet", "model.activation=GLU", "model.activation=GLU does not work on a layer's outputs"),
         ("lenet", "model.activation=3", "model.activation=3: not a torch.nn activation"),
         ("cnn", "model.channels=[]", "model.channels=[]: give a list of 1 to 5 whole numbers"),
         ("cnn", "model.channels=[8,8,8,8,8,8]", "model.channels=[8, 8, 8, 8, 8, 8]: give a list of 1 to 5"),

@@ -446,6 +446,7 @@ def test_a_study_that_no_longer_matches_its_sweep_folder_is_refused_and_a_refuse
     ):
         damage(sweep / "optuna.db")
         again = single_error(run_train(*args, timeout=300))
+        assert (sweep / "optuna.db").exists() is ("does not open" in error)  # a deleted study is not made anew
         assert error in again and ("Start over in a new folder" in again or "start the sweep over" in again), again
         assert (sweep / "0" / ".hydra" / "overrides.yaml").read_bytes() == kept  # job 0 keeps what it trained with
 

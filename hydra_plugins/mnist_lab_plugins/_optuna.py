@@ -63,7 +63,10 @@ class OptunaSearch:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         storage = study_storage(self.storage, sweep_dir)
         if storage.startswith("sqlite:///"):
-            check_store_path(Path(storage.removeprefix("sqlite:///")), "hydra.sweeper.storage", [sweep_dir])
+            database = Path(storage.removeprefix("sqlite:///"))
+            check_store_path(database, "hydra.sweeper.storage", [sweep_dir])
+            if not database.exists() and (jobs := earlier_jobs(sweep_dir)):  # refused before a new one is made
+                raise InputError(study_mismatch(sweep_dir, jobs[0], storage, "has no trial for it (the file is gone)"))
         elif "://" not in storage or storage.startswith("sqlite://"):
             raise InputError(
                 f"hydra.sweeper.storage={storage}: give a database URL such as sqlite:///<path>/optuna.db, or leave it "
@@ -164,10 +167,8 @@ def check_study_matches(study: optuna.Study, sweep_dir: Path, storage: str) -> N
     """Every job folder of an earlier attempt must be its trial's, with the values it trained with: a
     study deleted, replaced or of another sweep would have jobs kept under values they never ran."""
     trials = {t.number: t for t in study.trials}
-    for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
-        job = overrides_file.parent.parent.name
-        if not job.isdigit():
-            continue
+    for job in earlier_jobs(sweep_dir):
+        overrides_file = sweep_dir / job / ".hydra" / "overrides.yaml"
         try:
             recorded = dict(str(o).lstrip("+~").partition("=")[::2] for o in OmegaConf.load(overrides_file))
         except Exception:  # noqa: BLE001  its job is listed as unreadable in the report; the study decides here
@@ -175,11 +176,23 @@ def check_study_matches(study: optuna.Study, sweep_dir: Path, storage: str) -> N
         trial = trials.get(int(job))
         if trial is None or any(recorded.get(k) != str(v) for k, v in trial.params.items()):
             which = "has no trial for it" if trial is None else f"ran trial {job} with other values ({trial.params})"
-            raise InputError(
-                f"{sweep_dir} holds job {job}, but the study in {storage} {which}: the study no longer matches "
-                f"the sweep folder (deleted, replaced or another sweep's). Start over in a new folder with "
-                f"hydra.sweep.dir=..., or put the sweep's own study back"
-            )
+            raise InputError(study_mismatch(sweep_dir, job, storage, which))
+
+
+def earlier_jobs(sweep_dir: Path) -> list[str]:
+    """The job folders an earlier attempt at the sweep left, by number."""
+    return sorted(
+        (p.parent.parent.name for p in sweep_dir.glob("*/.hydra/overrides.yaml") if p.parent.parent.name.isdigit()),
+        key=int,
+    )
+
+
+def study_mismatch(sweep_dir: Path, job: str, storage: str, which: str) -> str:
+    return (
+        f"{sweep_dir} holds job {job}, but the study in {storage} {which}: the study no longer matches the sweep "
+        "folder (deleted, replaced or another sweep's). Start over in a new folder with hydra.sweep.dir=..., or put "
+        "the sweep's own study back"
+    )
 
 
 def tell(study: optuna.Study, number: int, ret: JobReturn) -> bool:

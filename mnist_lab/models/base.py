@@ -63,12 +63,24 @@ def activation_layer(name: str) -> nn.Module:
             "ReLU, Tanh or GELU"
         )
     try:
-        return layer()
+        built = layer()
     except TypeError:  # Threshold, MultiheadAttention, ...: arguments a name cannot carry
         raise InputError(
             f"model.activation={name} needs arguments that a name cannot give: use one that needs none, such as "
             "ReLU, Tanh or GELU"
         ) from None
+    # It follows linear layers (N, C) and convolutions (N, C, H, W), and keeps their shape.
+    for shape in ((2, 3), (2, 3, 4, 4)):
+        try:
+            fits = built(torch.zeros(shape)).shape == shape
+        except Exception:  # noqa: BLE001  Softmax2d on (N, C), GLU on an odd width, ...
+            fits = False
+        if not fits:
+            raise InputError(
+                f"model.activation={name} does not work on a layer's outputs of shape {shape} as an activation "
+                "does: use one such as ReLU, Tanh or GELU"
+            )
+    return built
 
 
 def check_dropout(p: object) -> float:
