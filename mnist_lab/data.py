@@ -246,13 +246,13 @@ class MNISTDataModule(pl.LightningDataModule):
         for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("val_size", val_size)):
             if not is_whole(value) or value < 1:
                 raise InputError(f"data.{key} must be a positive integer, got {value!r}: pass e.g. data.{key}=64")
-        if num_workers > MAX_WORKERS:  # each a process with its own copy of torch
-            raise InputError(f"data.num_workers={num_workers}: give at most {MAX_WORKERS}; 0, the default, is fastest")
         for key, value in (("split_seed", split_seed), ("seed", seed), ("num_workers", num_workers)):
             if not is_whole(value) or not 0 <= value < 2**32:
                 raise InputError(
                     f"data.{key} must be a whole number from 0 to 2**32-1, got {value!r}: pass e.g. data.{key}=1"
                 )
+        if num_workers > MAX_WORKERS:  # each a process with its own copy of torch
+            raise InputError(f"data.num_workers={num_workers}: give at most {MAX_WORKERS}; 0, the default, is fastest")
         for key, value in (
             ("download", download),
             ("verify_checksums", verify_checksums),

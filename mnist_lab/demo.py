@@ -102,7 +102,7 @@ class Demo:
         with self._lock:
             read_at, listed = self._listed
             if time.monotonic() - read_at >= LISTING_SECONDS:
-                listed = {self.name(p.resolve()): p.resolve() for p in model_files(self.models_root)}
+                listed = {self.name(p): p for p in map(Path.resolve, model_files(self.models_root))}
                 self._listed = (time.monotonic(), listed)
         return listed if self.name(self.path) in listed else {self.name(self.path): self.path, **listed}
 

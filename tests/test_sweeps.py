@@ -244,20 +244,24 @@ def test_jobs_run_at_once_each_on_its_own_gpu_with_the_results_of_one_at_a_time(
         assert sorted(p.name for p in (tmp_path / sweep).iterdir() if p.is_dir()) == ["0", "1", "2", "3"]
 
 
-@pytest.mark.slow
-def test_ctrl_c_stops_the_jobs_at_once_with_checkpoints_and_resume_finishes_the_sweep(synthetic_dir, tmp_path):
-    sweep = tmp_path / "sweep"
-    args = [
+def launcher_sweep(synthetic_dir: Path, sweep: Path, *extra: str, epochs: int = 40) -> list[str]:
+    return [
         sys.executable,
         str(ROOT / "train.py"),
         "-m",
         "hydra/launcher=gpus",
         "hydra.launcher.gpus=[]",
         "hydra.launcher.jobs_per_gpu=2",
-        *smoke_overrides(synthetic_dir, "model=softmax", "trainer.max_epochs=40"),
-        "optimizer.lr=0.05,0.1,0.2",
+        *smoke_overrides(synthetic_dir, "model=softmax", f"trainer.max_epochs={epochs}"),
+        *extra,
         f"hydra.sweep.dir={sweep}",
     ]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_jobs_at_once_with_checkpoints_and_resume_finishes_the_sweep(synthetic_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = launcher_sweep(synthetic_dir, sweep, "optimizer.lr=0.05,0.1,0.2")
     proc = subprocess.Popen(
         args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
@@ -311,20 +315,6 @@ def gone(pid: int, timeout: float = 30) -> bool:
             return True
         time.sleep(0.2)
     return False
-
-
-def launcher_sweep(synthetic_dir: Path, sweep: Path, *extra: str, epochs: int = 40) -> list[str]:
-    return [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "-m",
-        "hydra/launcher=gpus",
-        "hydra.launcher.gpus=[]",
-        "hydra.launcher.jobs_per_gpu=2",
-        *smoke_overrides(synthetic_dir, "model=softmax", f"trainer.max_epochs={epochs}"),
-        *extra,
-        f"hydra.sweep.dir={sweep}",
-    ]
 
 
 @pytest.mark.slow

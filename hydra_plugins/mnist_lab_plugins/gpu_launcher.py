@@ -121,9 +121,7 @@ class GpuLauncher(Launcher):
         """Job `num`'s worker died mid-job (killed, or out of memory): its folder says it stopped and
         how to go on, the sweep's callbacks see the job end (the report is written), one line says so,
         and the sweeper gets a failed trial's NaN rather than an exception."""
-        config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-        with open_dict(config):
-            config.hydra.job.id, config.hydra.job.num = f"{config.hydra.job.name}_{num}", num
+        config = job_config(self.hydra_context, self.config, num, overrides)
         folder = Path(config.hydra.sweep.dir) / str(config.hydra.sweep.subdir)
         if folder.is_dir():
             record_interrupted(folder, "killed", None)  # by which signal (or for memory) is not known here
@@ -187,10 +185,7 @@ def run_sweep_job(
     submitit launchers run theirs: the launching process's Hydra state, the job's config, run_job."""
     setup_globals()
     Singleton.set_state(singleton_state)
-    sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
-    with open_dict(sweep_config):
-        sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{num}"
-        sweep_config.hydra.job.num = num
+    sweep_config = job_config(hydra_context, config, num, overrides)
     HydraConfig.instance().set_config(sweep_config)
     return run_job(
         hydra_context=hydra_context,
@@ -199,6 +194,15 @@ def run_sweep_job(
         job_dir_key="hydra.sweep.dir",
         job_subdir_key="hydra.sweep.subdir",
     )
+
+
+def job_config(hydra_context: HydraContext, config: DictConfig, num: int, overrides: Sequence[str]) -> DictConfig:
+    """Job `num`'s config, as Hydra's own launchers build it: the sweep's, with its overrides, id and number."""
+    sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+    with open_dict(sweep_config):
+        sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{num}"
+        sweep_config.hydra.job.num = num
+    return sweep_config
 
 
 def visible_gpus(gpus: Sequence[int] | str) -> list[str]:
